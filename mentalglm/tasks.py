@@ -223,7 +223,7 @@ SWMH = _multiclass(
     "swmh", "What mental disorder symptoms does this post show?",
     {"none": "This post shows no mental disorder symptoms.",
      **{c: f"This post shows mental disorder symptoms related to {c}." for c in _SWMH}},
-    {"none": ("no mental disorder",), "suicide": ("suicidal",), "bipolar disorder": ("bipolar",)},
+    {"none": ("no mental disorder", "no mental disorders"), "suicide": ("suicidal",), "bipolar disorder": ("bipolar",)},
 )
 T_SID = _multiclass(
     "t_sid", "What mental disorder does this post show?",
@@ -231,7 +231,8 @@ T_SID = _multiclass(
      "suicide or self-harm tendency": "This post shows suicide or self-harm tendency.",
      "depression": "This post shows depression.",
      "ptsd": "This post shows PTSD."},
-    {"none": ("no mental disorder",), "suicide or self-harm tendency": ("suicide", "self-harm", "suicidal"),
+    # Plural alias: the gold sentence is "This post shows no mental disorders." and English matches need word ends.
+    {"none": ("no mental disorder", "no mental disorders"), "suicide or self-harm tendency": ("suicide", "self-harm", "suicidal"),
      "ptsd": ("post-traumatic",)},
 )
 
