@@ -58,9 +58,9 @@ def check_records(records):
     ("sos_hl_1k/suicide_train_LLM.csv", "sos_llm", 80),
     ("sos_hl_1k/suicide_val_LLM.csv", "sos_llm", 30),
     ("sos_hl_1k/suicide_train_BERT.tsv", "sos_bert", 80),
-    ("socialcd_3k/train_data_with_header.tsv", "socialcd", 80),
-    ("socialcd_3k/test_data_with_header.tsv", "socialcd", 30),
-    ("cp/train.txt", "cp", 60), ("cp/val.txt", "cp", 20), ("cp/test.txt", "cp", 20),
+    ("socialcd_3k/train_data_with_header.tsv", "socialcd", 240),
+    ("socialcd_3k/test_data_with_header.tsv", "socialcd", 40),
+    ("cp/train.txt", "cp", 200), ("cp/val.txt", "cp", 30), ("cp/test.txt", "cp", 30),
     ("instructions/c_imhi_alpaca.json", "alpaca", 10),
     ("instructions/c_imhi_chat.jsonl", "chat", 10),
 ])

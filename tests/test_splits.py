@@ -38,8 +38,8 @@ def test_fixture_split_sizes():
     assert set(s) == {"train", "val", "test"}
     assert count(s["train"])["sos_hl_1k"] == 60 and count(s["val"])["sos_hl_1k"] == 20
     assert count(s["test"])["sos_hl_1k"] == 30
-    assert (count(s["train"])["socialcd_3k"], count(s["val"])["socialcd_3k"], count(s["test"])["socialcd_3k"]) == (60, 20, 30)
-    assert (count(s["train"])["cp"], count(s["val"])["cp"], count(s["test"])["cp"]) == (60, 20, 20)
+    assert (count(s["train"])["socialcd_3k"], count(s["val"])["socialcd_3k"], count(s["test"])["socialcd_3k"]) == (220, 20, 40)
+    assert (count(s["train"])["cp"], count(s["val"])["cp"], count(s["test"])["cp"]) == (200, 30, 30)
     for t in IMHI:
         assert (count(s["train"])[t], count(s["val"])[t], count(s["test"])[t]) == (30, 10, 0)
 
@@ -82,7 +82,7 @@ def test_val_size_fraction():
     cfg = fixture_cfg(["socialcd_3k"])
     cfg["socialcd_3k"]["val_size"] = 0.25
     s = build_splits(cfg, seed=0)
-    assert len(s["val"]) == 20 and len(s["train"]) == 60
+    assert len(s["val"]) == 60 and len(s["train"]) == 180
 
 
 def test_carve_val_quotas_sum_to_k():
