@@ -13,6 +13,8 @@ Unparsed answers are always wrong: single-label tasks give them an extra "unpars
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
+
 import torch
 from torchmetrics import Metric
 
@@ -226,3 +228,25 @@ def mean_f1(results: dict[str, dict]) -> float:
     """Mean F1 over the metric keys present (cp counts twice: cp_parent and cp_child); 0.0 when empty."""
     f1s = [results[k]["f1"] for k in result_keys(results)]
     return sum(f1s) / len(f1s) if f1s else 0.0
+
+
+def majority_baseline(task: Task, train_rows: list[dict], eval_rows: list[dict]) -> dict[str, dict]:
+    """Metrics of always answering the most frequent training label set (per aspect for aspect tasks).
+
+    The floor a trained model must clear; reported next to the test table so a run that learned nothing shows.
+    """
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for row in train_rows:
+        counts[row.get("aspect") or ""][tuple(row["labels"])] += 1
+    overall = Counter()
+    for c in counts.values():
+        overall.update(c)
+    if not overall or not eval_rows:
+        return {}
+
+    def guess(aspect: str) -> list[str]:
+        return list((counts.get(aspect) or overall).most_common(1)[0][0])
+
+    preds = [guess(r.get("aspect") or "") for r in eval_rows]
+    return compute_metrics(task, preds, [list(r["labels"]) for r in eval_rows], [True] * len(eval_rows),
+                           [r.get("aspect") or "" for r in eval_rows])

@@ -37,8 +37,9 @@ def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> l
     return ["| " + " | ".join(r) + " |" for r in (header, align, *rows)]
 
 
-def results_markdown(metrics: dict[str, dict], title: str = "MentalGLM evaluation results") -> str:
-    """Markdown: a P/R/F1 table (Table 4 shape), an IMHI accuracy / weighted-F1 table, per-aspect and
+def results_markdown(metrics: dict[str, dict], title: str = "MentalGLM evaluation results",
+                     baseline: dict[str, float] | None = None) -> str:
+    """Markdown: a P/R/F1 table (Table 4 shape; with `baseline` {key: F1} a majority-class column), an IMHI accuracy / weighted-F1 table, per-aspect and
     per-label F1 (the per-label tables also map the indices used in charts when no CJK font exists)."""
     keys = result_keys(metrics)
     lines = [f"# {title}", ""]
@@ -46,12 +47,17 @@ def results_markdown(metrics: dict[str, dict], title: str = "MentalGLM evaluatio
         return "\n".join(lines + ["No predictions were scored.", ""])
     lines += ["Precision, recall and F1 in %: positive class for binary tasks, micro for multi-label tasks, "
               "weighted for IMHI multi-class tasks. Unparsed answers count as wrong.", ""]
+    base = {k: baseline[k] for k in keys if baseline and k in baseline}
     rows = [[_name(k), _pct(m["precision"]), _pct(m["recall"]), _pct(m["f1"]), _pct(m["parse_rate"]), str(m["n"])]
-            for k, m in ((k, metrics[k]) for k in keys)]
+            + ([_pct(base.get(k))] if base else []) for k, m in ((k, metrics[k]) for k in keys)]
     if len(keys) > 1:
         mean = sum(metrics[k]["f1"] for k in keys) / len(keys)
-        rows.append(["Mean", "", "", _pct(mean), "", ""])
-    lines += _table(["Task", "P", "R", "F1", "Parse rate", "n"], rows) + [""]
+        base_mean = [_pct(sum(base.values()) / len(base))] if base else []
+        rows.append(["Mean", "", "", _pct(mean), "", ""] + base_mean)
+    header = ["Task", "P", "R", "F1", "Parse rate", "n"] + (["Majority F1"] if base else [])
+    if base:
+        lines += ["Majority F1: always answering the most frequent training label set (the floor to beat).", ""]
+    lines += _table(header, rows) + [""]
 
     imhi = [k for k in keys if k in IMHI_KEYS]
     if imhi:

@@ -1,0 +1,34 @@
+"""k-shot prompts for the zero/few-shot baselines (the paper's "generalized LLM" rows)."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+SHOT_HEADER = {"c_imhi": "示例{i}：\n{query}\n{answer}\n\n", "imhi": "Example {i}:\n{query}\n{answer}\n\n"}
+
+
+def add_shots(records: list[dict], pool: list[dict], k: int, *, seed: int) -> list[dict]:
+    """Prefix each record's query with k solved examples of the same task drawn from `pool` (the train split).
+
+    The post span is shifted, so truncation still cuts only the target post. The same seed draws the same
+    examples; an item is never its own example.
+    """
+    from mentalglm.tasks import get_task
+
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for r in pool:
+        by_task[r["task"]].append(r)
+    rng = random.Random(seed)
+    out = []
+    for r in records:
+        candidates = [x for x in by_task[r["task"]] if x["id"] != r["id"]]
+        if len(candidates) < k:
+            raise ValueError(f"shots={k} but task {r['task']} has only {len(candidates)} training examples")
+        header = SHOT_HEADER[get_task(r["task"]).group]
+        prefix = "".join(header.format(i=i + 1, query=x["query"], answer=x["answer"])
+                         for i, x in enumerate(rng.sample(candidates, k)))
+        shift = len(prefix)
+        span = (r["post_start"] + shift, r["post_end"] + shift) if r["post_start"] >= 0 else (-1, -1)
+        out.append({**r, "query": prefix + r["query"], "post_start": span[0], "post_end": span[1]})
+    return out

@@ -1,0 +1,138 @@
+"""The ablation table (the paper's Table 3) of a sweep, rebuilt from its finished job directories."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from mentalglm.eval.atomic import write_atomic
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (("sos_hl_1k", "SOS-HL-1K F1"), ("socialcd_3k", "SocialCD-3K F1"), ("cp_parent", "CP parent F1"),
+           ("cp_child", "CP child F1"))
+VARIANT_ORDER = {"s1": 0, "s2": 1, "full": 2}
+FAILED = "failed.json"
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted((p for p in sweep_dir.iterdir() if (p / ".hydra" / "config.yaml").is_file()),
+                  key=lambda p: (len(p.name), p.name))
+
+
+def read_job(job: Path) -> dict:
+    cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+    variant = cfg.get("variant")
+    row = {"job": job.name, "model": cfg.model.name, "seed": int(cfg.seed),
+           "variant": variant.name if variant is not None else f"stage_{cfg.stage.name}"}
+    metrics_file = job / "test" / "metrics.json"
+    if (job / FAILED).is_file():
+        row["failed"] = json.loads((job / FAILED).read_text()).get("reason", "failed")
+    elif metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        row["f1"] = {key: metrics[key]["f1"] for key, _ in COLUMNS if isinstance(metrics.get(key), dict)}
+    else:
+        row["failed"] = "no test/metrics.json (job did not finish)"
+    return row
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One line per (model, variant): mean and std over seeds of each F1 column, failures marked."""
+    cells: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        cells[(r["model"], r["variant"])].append(r)
+    out = []
+    for (model, variant), runs in sorted(cells.items(), key=lambda kv: (kv[0][0], VARIANT_ORDER.get(kv[0][1], 9), kv[0][1])):
+        ok = [r for r in runs if "failed" not in r]
+        line = {"model": model, "variant": variant, "seeds": sorted(r["seed"] for r in ok),
+                "failed": [f"seed {r['seed']}: {r['failed']}" for r in runs if "failed" in r]}
+        for key, _ in COLUMNS:
+            values = [100 * r["f1"][key] for r in ok if key in r["f1"]]
+            line[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None) if values else None
+        out.append(line)
+    return out
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    mean, std = value
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def ablation_markdown(lines: list[dict]) -> str:
+    head = "| model | variant | seeds | " + " | ".join(name for _, name in COLUMNS) + " |"
+    rule = "|---|---|---|" + "---:|" * len(COLUMNS)
+    body = []
+    for ln in lines:
+        if not ln["seeds"]:
+            cells = ["FAILED"] * len(COLUMNS)
+        else:
+            cells = [_cell(ln[key]) for key, _ in COLUMNS]
+        body.append(f"| {ln['model']} | {ln['variant']} | {len(ln['seeds'])} | " + " | ".join(cells) + " |")
+    failures = [f"- {ln['model']} / {ln['variant']}: {f}" for ln in lines for f in ln["failed"]]
+    text = "# Ablation (test F1, %)\n\n" + "\n".join([head, rule, *body]) + "\n"
+    if failures:
+        text += "\n## Failed jobs\n\n" + "\n".join(failures) + "\n"
+    return text
+
+
+def ablation_csv(lines: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "variant", "n_seeds", "n_failed"] + [f"{k}_{s}" for k, _ in COLUMNS for s in ("mean", "std")])
+    for ln in lines:
+        vals = []
+        for key, _ in COLUMNS:
+            mean, std = ln[key] if ln[key] is not None else (None, None)
+            vals += ["" if mean is None else f"{mean:.4f}", "" if std is None else f"{std:.4f}"]
+        w.writerow([ln["model"], ln["variant"], len(ln["seeds"]), len(ln["failed"])] + vals)
+    return buf.getvalue()
+
+
+def ablation_plot(lines: list[dict], path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(lines))
+    for i, ln in enumerate(lines):
+        means = [ln[k][0] if ln[k] else 0.0 for k, _ in COLUMNS]
+        errs = [ln[k][1] or 0.0 if ln[k] else 0.0 for k, _ in COLUMNS]
+        xs = [j + i * width for j in range(len(COLUMNS))]
+        ax.bar(xs, means, width, yerr=errs, label=f"{ln['model']} {ln['variant']}")
+    ax.set_xticks([j + width * (len(lines) - 1) / 2 for j in range(len(COLUMNS))], [n for _, n in COLUMNS])
+    ax.set_ylabel("F1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_atomic(path, buf.getvalue())
+    return path
+
+
+def rebuild_ablation(sweep_dir: str | Path) -> dict:
+    """Write ablation.md, ablation.csv and ablation.png into the sweep directory; return the summary."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep_dir={sweep_dir} does not exist")
+    rows = [read_job(j) for j in job_dirs(sweep_dir)]
+    if not rows:
+        raise FileNotFoundError(f"sweep_dir={sweep_dir} holds no job directories (*/.hydra/config.yaml)")
+    lines = summarise(rows)
+    write_atomic(sweep_dir / "ablation.md", ablation_markdown(lines))
+    write_atomic(sweep_dir / "ablation.csv", ablation_csv(lines))
+    ablation_plot(lines, sweep_dir / "ablation.png")
+    n_failed = sum(len(ln["failed"]) for ln in lines)
+    log.info("ablation of %d jobs (%d failed) -> %s", len(rows), n_failed, sweep_dir / "ablation.md")
+    return {"lines": lines, "jobs": len(rows), "failed": n_failed}
