@@ -35,3 +35,44 @@ def tiny_hf_tokenizer(tiny_checkpoint):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_checkpoint)
+
+
+# ----------------------------------------------------------------------------- end-to-end runs of train.py / evaluate.py
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The demo, cut down for tests: one short epoch per stage, a few validation/test items per split.
+FAST_DEMO = ["experiment=demo", "stages.one.max_epochs=1", "stages.two.max_epochs=2", "data.limit_eval=12",
+             "generation.max_new_tokens=24", "callbacks.progress_bar=null",
+             "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def cli_cache(tmp_path_factory):
+    """One cache (tiny checkpoint, tokenized datasets) shared by every CLI run of the session."""
+    return tmp_path_factory.mktemp("cli_cache")
+
+
+@pytest.fixture
+def run_cli(tmp_path, cli_cache):
+    """Run `train.py` / `evaluate.py` in a subprocess with outputs under tmp_path/outputs.
+
+    Returns the CompletedProcess; `check=True` (default) fails the test with the tail of the output.
+    """
+
+    def run(script: str, *overrides: str, check: bool = True, env: dict | None = None, timeout: int = 600):
+        full_env = {**os.environ, "MENTALGLM_OUTPUT": str(tmp_path / "outputs"), "WANDB_MODE": "offline",
+                    "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "1",
+                    **(env or {})}
+        cmd = [sys.executable, str(ROOT / script), f"paths.cache_dir={cli_cache}", *overrides]
+        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            pytest.fail(f"{' '.join(cmd[1:])} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        return proc
+
+    return run
