@@ -91,11 +91,13 @@ def build_datamodule(cfg: DictConfig, tokenizer, tasks: list[str], out_dir: Path
 
 def build_module(cfg: DictConfig, tokenizer, tasks: list[str], init_adapter: str | None) -> MentalGLMModule:
     return MentalGLMModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True), lora=OmegaConf.to_container(cfg.lora, resolve=True),
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        lora=OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") is not None else None,
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         generation=OmegaConf.to_container(cfg.generation, resolve=True), tasks=list(dict.fromkeys(tasks)),
         templates=OmegaConf.to_container(cfg.data.templates, resolve=True), init_adapter=init_adapter,
-        merge_init_adapter=bool(cfg.get("merge_init_adapter", False)), cache_dir=str(cfg.paths.cache_dir), tokenizer=tokenizer)
+        merge_init_adapter=bool(cfg.get("merge_init_adapter", False)), cache_dir=str(cfg.paths.cache_dir),
+        tokenizer=tokenizer)
 
 
 def wandb_offline() -> bool:

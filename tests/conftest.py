@@ -47,7 +47,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 # The demo, cut down for tests: one short epoch per stage, a few validation/test items per split.
-FAST_DEMO = ["experiment=demo", "stages.one.max_epochs=1", "stages.two.max_epochs=2", "data.limit_eval=12",
+FAST_DEMO = ["experiment=demo", "stages.one.max_epochs=1", "stages.two.max_epochs=2", "data.limit_eval=6",
              "generation.max_new_tokens=24", "callbacks.progress_bar=null",
              "trainer.enable_progress_bar=false"]
 

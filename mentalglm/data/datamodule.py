@@ -21,6 +21,17 @@ log = logging.getLogger(__name__)
 META_COLUMNS = ("task", "id", "labels", "aspect")
 
 
+def limit_per_task(records: list[dict], n: int) -> list[dict]:
+    """The first n records of each task (quick checks still see every task)."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in records:
+        seen[r["task"]] = seen.get(r["task"], 0) + 1
+        if seen[r["task"]] <= n:
+            out.append(r)
+    return out
+
+
 class IndexedDataset(Dataset):
     """A tokenized split with each item's position attached, so predictions can be put back in order."""
 
@@ -110,7 +121,7 @@ class InstructionDataModule(L.LightningDataModule):
             if not records or name not in self.splits:
                 continue
             if name != "train" and self.limit_eval:
-                records = records[: self.limit_eval]
+                records = limit_per_task(records, int(self.limit_eval))
             raw = datasets.Dataset.from_list(records)
             ds, stats = tokenize_dataset(raw, self.tokenizer, with_answer=(name == "train"), **render)
             self.datasets[name], self.stats[name] = ds, stats

@@ -1,0 +1,86 @@
+"""End-to-end: evaluate.py through Hydra (subprocess): a trained adapter, a run directory, score-only, few-shot."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST_DEMO
+from mentalglm.fixtures import make_fixtures  # noqa: F401  (the fixtures package must be importable)
+
+pytestmark = pytest.mark.slow
+
+FIXTURES = Path(__file__).resolve().parents[1] / "mentalglm" / "fixtures"
+SCORE_FIXTURE = Path(__file__).parent / "fixtures" / "predictions_small.jsonl"
+EVAL = ["model=tiny_glm", "data=fixtures", "trainer=cpu", "data.limit_eval=6", "generation.max_new_tokens=24",
+        "trainer.enable_progress_bar=false"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def fixture_posts() -> list[str]:
+    lines = (FIXTURES / "cp" / "test.txt").read_text(encoding="utf-8").splitlines()
+    return [line.split("\t")[0] for line in lines]
+
+
+def test_trained_adapter_and_run_dir_give_the_train_run_numbers(run_cli, tmp_path):
+    run_cli("train.py", *FAST_DEMO, "variant=s2")
+    (run,) = sorted((tmp_path / "outputs" / "train").glob("*/runs/*"))
+    trained = json.loads((run / "test" / "metrics.json").read_text())
+    adapter = json.loads((run / "summary.json").read_text())["best_adapter"]
+
+    out_a, out_b = tmp_path / "eval_adapter", tmp_path / "eval_run"
+    run_cli("evaluate.py", *EVAL, f"adapter={adapter}", f"output_dir={out_a}")
+    run_cli("evaluate.py", *EVAL, f"run_dir={run}", f"hydra.run.dir={out_b}")
+    for out in (out_a, out_b):
+        metrics = json.loads((out / "metrics.json").read_text())
+        for key in ("sos_hl_1k", "socialcd_3k", "cp_parent", "cp_child"):
+            assert metrics[key]["f1"] == pytest.approx(trained[key]["f1"]), key  # greedy: same numbers
+        rows = read_jsonl(out / "predictions.jsonl")
+        assert {"task", "id", "output", "gold_labels", "pred_labels", "parsed"} <= set(rows[0])
+        assert "query" not in rows[0]  # no raw post text unless save_inputs=true
+        assert "| CP (child) |" in (out / "results.md").read_text()
+        assert (out / "sos_hl_1k_confusion.png").is_file() and (out / "cp_child_per_label_f1.png").is_file()
+    assert not any(post in (out_a / "predictions.jsonl").read_text(encoding="utf-8") for post in fixture_posts())
+
+    out_c = tmp_path / "eval_inputs"
+    run_cli("evaluate.py", *EVAL, f"adapter={adapter}", f"output_dir={out_c}", "save_inputs=true", "tasks=[cp]")
+    rows = read_jsonl(out_c / "predictions.jsonl")
+    assert {r["task"] for r in rows} == {"cp"} and all(r["query"] for r in rows)
+
+
+def test_score_only_cli(run_cli, tmp_path):
+    out = tmp_path / "scored"
+    run_cli("evaluate.py", f"predictions={SCORE_FIXTURE}", f"output_dir={out}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sos_hl_1k"]["f1"] == pytest.approx(0.5) and metrics["cp_parent"]["f1"] == pytest.approx(6 / 7)
+    assert len(read_jsonl(out / "scored.jsonl")) == 16 and (out / "results.md").is_file()
+
+
+def test_few_shot_baseline_without_adapter(run_cli, tmp_path):
+    out = tmp_path / "fewshot"
+    run_cli("evaluate.py", *EVAL, "shots=2", "tasks=[sos_hl_1k]", f"output_dir={out}", "save_inputs=true")
+    rows = read_jsonl(out / "predictions.jsonl")
+    assert len(rows) == 6 and {r["task"] for r in rows} == {"sos_hl_1k"}
+    # Two solved examples from the train split precede the question.
+    assert all(r["query"].count("该帖子的发布者有") >= 2 for r in rows)
+    assert "2-shot" in (out / "results.md").read_text()
+
+
+def test_extra_dataset_with_same_schema(run_cli, tmp_path):
+    """A new CP-format file (e.g. a clinical set) evaluates by pointing the config at it."""
+    clinical = tmp_path / "clinical_cp.txt"
+    clinical.write_text("".join((FIXTURES / "cp" / "test.txt").read_text(encoding="utf-8").splitlines(True)[:5]),
+                        encoding="utf-8")
+    out = tmp_path / "clinical"
+    run_cli("evaluate.py", *EVAL, "tasks=[cp]", f"data.tasks.cp.test={clinical}", f"output_dir={out}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["cp_parent"]["n"] == 5 and metrics["cp_child"]["n"] == 5
+
+
+def test_bad_adapter_path_is_one_line(run_cli, tmp_path):
+    proc = run_cli("evaluate.py", *EVAL, f"adapter={tmp_path / 'nope'}", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "is not a LoRA adapter directory" in proc.stderr.strip().splitlines()[-1]
