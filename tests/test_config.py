@@ -81,3 +81,12 @@ def test_demo_experiment_overrides_only_what_changes():
 def test_evaluate_config_composes():
     cfg = compose_train(["model=glm4_chat", "adapter=/some/adapter", "shots=3"], config_name="evaluate.yaml")
     assert cfg.model.pretrained == "THUDM/glm-4-9b-chat-hf" and cfg.shots == 3 and list(cfg.tasks) == C_IMHI
+
+
+def test_early_stopping_option_monitors_val_f1_mean():
+    from hydra.utils import instantiate
+
+    cfg = compose_train(["callbacks=early_stop", "callbacks.early_stopping.patience=2"])
+    cb = instantiate(cfg.callbacks.early_stopping)
+    assert cb.monitor == "val/f1_mean" and cb.mode == "max" and cb.patience == 2
+    assert cfg.callbacks.model_checkpoint.monitor == "val/f1_mean"
