@@ -26,6 +26,7 @@ test-fast: install
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/tokenization.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache

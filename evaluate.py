@@ -13,7 +13,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from mentalglm.resume import register_resolvers
+from mentalglm.validate import group_override_error
+
 log = logging.getLogger("evaluate")
+register_resolvers()  # hydra.run.dir goes through it (resume=true continues an interrupted evaluation)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate.yaml")
@@ -29,4 +33,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if (error := group_override_error(sys.argv[1:])) is not None:
+        sys.exit(f"error: {error}")
     main()

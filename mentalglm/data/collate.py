@@ -67,6 +67,10 @@ class GenerationCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: list[dict]) -> dict:
+        if not features:
+            # The empty batch a data-parallel rank with fewer batches than the others runs (shard_eval_batches).
+            empty = torch.zeros((0, 0), dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty.clone(), **{k: [] for k in GENERATION_META}}
         width = _round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
         input_ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(features), width), dtype=torch.long)

@@ -8,13 +8,15 @@ from typing import Any, Mapping
 
 import datasets
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mentalglm.data.collate import GenerationCollator, PackedCollator, TrainCollator
 from mentalglm.data.io import LoadReport
 from mentalglm.data.render import tokenize_dataset
-from mentalglm.data.sampler import LengthGroupedBatchSampler
+from mentalglm.data.sampler import LengthGroupedBatchSampler, ResumableDataLoader
 from mentalglm.data.splits import build_splits, save_split
+from mentalglm.distributed import shard_eval_batches
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,8 @@ class InstructionDataModule(L.LightningDataModule):
         # Gold labels only (no post text) of every split, for the majority-class baseline.
         self.gold: dict[str, list[dict]] = {}
         self.sampler: LengthGroupedBatchSampler | None = None
+        self.train_loader: ResumableDataLoader | None = None
+        self._train_state: dict | None = None  # a checkpoint's loader state, applied when the loader is built
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -137,12 +141,38 @@ class InstructionDataModule(L.LightningDataModule):
             collate = PackedCollator(self.tokenizer.pad_token_id)
         else:
             collate = TrainCollator(self.tokenizer.pad_token_id)
+        rank, world = self._rank_world()
         self.sampler = LengthGroupedBatchSampler(
             lengths, self.batch_size, bucket_batches=self.bucket_batches if self.batching != "random" else 1,
-            shuffle=True, seed=self.seed)
+            shuffle=True, seed=self.seed, num_replicas=world, rank=rank)
+        # A private generator: creating the iterator then draws nothing from the global RNG, whose state a
+        # resumed run restores (RNGStateCallback) and must find where an uninterrupted run had it.
+        loader = ResumableDataLoader(data, batch_sampler=self.sampler, collate_fn=collate, num_workers=self.num_workers,
+                                     generator=torch.Generator().manual_seed(self.seed))
         if self.trainer is not None:
-            self.sampler.set_epoch(self.trainer.current_epoch)
-        return DataLoader(data, batch_sampler=self.sampler, collate_fn=collate, num_workers=self.num_workers)
+            # The epoch Lightning itself hands samplers: unlike current_epoch it is already right when a restored
+            # run builds its first iterator.
+            loader.current_epoch = lambda: self.trainer.fit_loop.epoch_progress.current.processed
+            loader.consumed = self._batches_consumed
+        if self._train_state is not None:
+            loader.load_state_dict(self._train_state)
+            self._train_state = None
+        self.train_loader = loader
+        return loader
+
+    # Lightning would restore the loader's state itself, but only into a loader built after the checkpoint's
+    # loops are loaded; configure_optimizers (estimated_stepping_batches) builds and starts it before that.
+    # The datamodule's state is loaded earlier, before configure_optimizers, so it carries the sampler position.
+    def state_dict(self) -> dict:
+        return {"train_loader": self.train_loader.state_dict()} if self.train_loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._train_state = state_dict.get("train_loader")
+
+    def _batches_consumed(self) -> int:
+        """Batches of the current epoch training has used: the loop fetches ahead (and workers further
+        still), so the sampler's own count runs ahead of what a checkpoint has seen."""
+        return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def _eval_loader(self, split: str) -> DataLoader:
         ds = self.datasets[split]
@@ -151,8 +181,17 @@ class InstructionDataModule(L.LightningDataModule):
         lengths = [len(x) for x in ds["input_ids"]]
         order = sorted(range(len(ds)), key=lengths.__getitem__)
         batches = [order[i: i + self.eval_batch_size] for i in range(0, len(order), self.eval_batch_size)]
+        # Each rank generates its own batches (the trainers run with use_distributed_sampler=false: Lightning's
+        # DistributedSampler would repeat items to even out the ranks and could not wrap this batch list).
+        batches = shard_eval_batches(batches, *self._rank_world())
         return DataLoader(data, batch_sampler=batches, collate_fn=GenerationCollator(self.tokenizer.pad_token_id),
                           num_workers=self.num_workers)
+
+    def _rank_world(self) -> tuple[int, int]:
+        """Data-parallel rank and world size: every process of the run (0 and 1 without a trainer)."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -132,7 +132,6 @@ def save_split(splits: Mapping[str, list[dict]], path: str | Path) -> Path:
         for r in records:
             by_task.setdefault(r["task"], []).append(r["id"])
         doc["splits"][name] = {"n": len(records), "sha256": _ids_sha256(records), "ids": by_task}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    return path
+    from mentalglm.eval.atomic import write_atomic
+
+    return write_atomic(path, json.dumps(doc, ensure_ascii=False, indent=1) + "\n")

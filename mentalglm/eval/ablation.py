@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import shlex
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -27,20 +28,43 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
                   key=lambda p: (len(p.name), p.name))
 
 
-def read_job(job: Path) -> dict:
+def job_failure(job: Path) -> str | None:
+    """Why a job failed, from its failed.json; None if it did not, or was rerun to the end since."""
+    failed_file, metrics_file = job / FAILED, job / "test" / "metrics.json"
+    if not failed_file.is_file():
+        return None
+    # A job rerun into its directory after a failure leaves the old failed.json behind: the newer file wins.
+    if metrics_file.is_file() and metrics_file.stat().st_mtime_ns > failed_file.stat().st_mtime_ns:
+        return None
+    return json.loads(failed_file.read_text()).get("reason", "failed")
+
+
+def read_job(job: Path) -> dict | None:
+    """One job's row: its cell (model, variant), seed and test F1s, or why it failed; None if it does not test."""
     cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
     variant = cfg.get("variant")
     row = {"job": job.name, "model": cfg.model.name, "seed": int(cfg.seed),
            "variant": variant.name if variant is not None else f"stage_{cfg.stage.name}"}
     metrics_file = job / "test" / "metrics.json"
-    if (job / FAILED).is_file():
-        row["failed"] = json.loads((job / FAILED).read_text()).get("reason", "failed")
+    if (reason := job_failure(job)) is not None:
+        row["failed"] = reason
     elif metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
         row["f1"] = {key: metrics[key]["f1"] for key, _ in COLUMNS if isinstance(metrics.get(key), dict)}
+    elif cfg.get("test") is False:
+        return None  # trained without the test: nothing to put in the table, and nothing went wrong
     else:
         row["failed"] = "no test/metrics.json (job did not finish)"
+    if "failed" in row:
+        row["rerun"] = rerun_command(job)
     return row
+
+
+def rerun_command(job: Path) -> str:
+    """The command that reruns a job into its own directory, after which the table can be rebuilt."""
+    overrides_file = job / ".hydra" / "overrides.yaml"
+    overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+    return shlex.join(["python", "train.py", f"hydra.run.dir={job.resolve()}", *map(str, overrides)])
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -52,7 +76,8 @@ def summarise(rows: list[dict]) -> list[dict]:
     for (model, variant), runs in sorted(cells.items(), key=lambda kv: (kv[0][0], VARIANT_ORDER.get(kv[0][1], 9), kv[0][1])):
         ok = [r for r in runs if "failed" not in r]
         line = {"model": model, "variant": variant, "seeds": sorted(r["seed"] for r in ok),
-                "failed": [f"seed {r['seed']}: {r['failed']}" for r in runs if "failed" in r]}
+                "failed": [{"job": r["job"], "seed": r["seed"], "reason": r["failed"], "rerun": r["rerun"]}
+                           for r in runs if "failed" in r]}
         for key, _ in COLUMNS:
             values = [100 * r["f1"][key] for r in ok if key in r["f1"]]
             line[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None) if values else None
@@ -67,20 +92,27 @@ def _cell(value) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def ablation_markdown(lines: list[dict]) -> str:
     head = "| model | variant | seeds | " + " | ".join(name for _, name in COLUMNS) + " |"
     rule = "|---|---|---|" + "---:|" * len(COLUMNS)
     body = []
     for ln in lines:
-        if not ln["seeds"]:
-            cells = ["FAILED"] * len(COLUMNS)
-        else:
-            cells = [_cell(ln[key]) for key, _ in COLUMNS]
-        body.append(f"| {ln['model']} | {ln['variant']} | {len(ln['seeds'])} | " + " | ".join(cells) + " |")
-    failures = [f"- {ln['model']} / {ln['variant']}: {f}" for ln in lines for f in ln["failed"]]
-    text = "# Ablation (test F1, %)\n\n" + "\n".join([head, rule, *body]) + "\n"
+        cells = [_cell(ln[key]) for key, _ in COLUMNS] if ln["seeds"] else ["FAILED"] * len(COLUMNS)
+        n_ok, n_failed = len(ln["seeds"]), len(ln["failed"])
+        seeds = f"{n_ok} of {n_ok + n_failed} (failed: {n_failed})" if n_failed else str(n_ok)
+        body.append(f"| {ln['model']} | {ln['variant']} | {seeds} | " + " | ".join(cells) + " |")
+    text = ("# Ablation (test F1, %)\n\nMean over the seeds that finished; ± is the sample standard deviation.\n\n"
+            + "\n".join([head, rule, *body]) + "\n")
+    failures = [f"- {ln['model']} / {ln['variant']}, seed {f['seed']} (job {f['job']}): {_one_line(f['reason'])}\n"
+                f"  rerun: `{f['rerun']}`" for ln in lines for f in ln["failed"]]
     if failures:
-        text += "\n## Failed jobs\n\n" + "\n".join(failures) + "\n"
+        text += ("\n## Failed jobs\n\nAfter a rerun, rebuild this table with "
+                 "`python evaluate.py report=ablation sweep_dir=<this directory>`.\n\n" + "\n".join(failures) + "\n")
     return text
 
 
@@ -126,9 +158,12 @@ def rebuild_ablation(sweep_dir: str | Path) -> dict:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep_dir={sweep_dir} does not exist")
-    rows = [read_job(j) for j in job_dirs(sweep_dir)]
-    if not rows:
+    jobs = job_dirs(sweep_dir)
+    if not jobs:
         raise FileNotFoundError(f"sweep_dir={sweep_dir} holds no job directories (*/.hydra/config.yaml)")
+    rows = [row for row in map(read_job, jobs) if row is not None]
+    if not rows:
+        raise FileNotFoundError(f"no job in sweep_dir={sweep_dir} ran the test (test=false?): no ablation to build")
     lines = summarise(rows)
     write_atomic(sweep_dir / "ablation.md", ablation_markdown(lines))
     write_atomic(sweep_dir / "ablation.csv", ablation_csv(lines))

@@ -31,8 +31,11 @@ def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2) -> P
     return write_atomic(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
 
 
-def append_jsonl(path: str | os.PathLike, rows: Mapping | Iterable[Mapping]) -> Path:
-    """Append one row or many rows as JSON lines. Each line is written whole, in one write call."""
+def append_jsonl(path: str | os.PathLike, rows: Mapping | Iterable[Mapping], fsync: bool = False) -> Path:
+    """Append one row or many rows as JSON lines. Each line is written whole, in one write call.
+
+    `fsync=True`: on disk when this returns, so a crash right after loses nothing written before it
+    (a crash during the write can leave a torn last line: readers drop a line without its newline)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(rows, Mapping):
@@ -41,6 +44,8 @@ def append_jsonl(path: str | os.PathLike, rows: Mapping | Iterable[Mapping]) -> 
     with open(path, "a", encoding="utf-8") as f:
         f.write(text)
         f.flush()
+        if fsync:
+            os.fsync(f.fileno())
     return path
 
 

@@ -62,6 +62,20 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
     return input_ids.to(device), attention_mask.to(device)
 
 
+def _batches(order: list[int], prompts: list[list[int]], batch_size: int, max_pad_fraction: float | None):
+    """Consecutive runs of `order`, at most `batch_size` long, each cut where padding would exceed the bound."""
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        if (current is None or len(current) == batch_size or (
+                max_pad_fraction is not None
+                and len(prompts[i]) < (1 - max_pad_fraction) * max(len(prompts[j]) for j in current))):
+            batches.append([i])
+        else:
+            current.append(i)
+    return batches
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -72,11 +86,15 @@ def generate(
     max_new_tokens: int = 64,
     stop_strings: Sequence[str] = (),
     sort_by_length: bool = True,
+    max_pad_fraction: float | None = None,
 ) -> list[str]:
     """Greedy continuations of `prompts` (token ids), decoded without special tokens and stripped.
 
     With `stop_strings` a row stops as soon as its continuation contains one, and the returned text is
-    cut right before it. Works on plain and peft-wrapped models.
+    cut right before it. With `sort_by_length` and `max_pad_fraction`, a prompt shorter than
+    (1 - max_pad_fraction) x its batch's longest starts a new batch, so a split's few long prompts do not pad
+    short ones: worth it for label-only answers, whose compute is mostly the prompts; for long answers the
+    extra batches' decoding steps cost more. Works on plain and peft-wrapped models.
     """
     if not prompts:
         return []
@@ -94,14 +112,15 @@ def generate(
     model.eval()
     results: list[str] = [""] * len(prompts)
     try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+        for rows in _batches(order, prompts, batch_size, max_pad_fraction if sort_by_length else None):
             input_ids, attention_mask = _left_pad([prompts[i] for i in rows], pad_id, device)
             criteria = StoppingCriteriaList()
             if any(stop_strings):
                 criteria.append(StopOnStrings(tokenizer, stop_strings, input_ids.shape[1]))
+            # synced_gpus=False: transformers turns it on for FSDP-managed models, all-reducing every step so
+            # ranks finish together; here each rank generates on its own (distributed.gathered_for_generation).
             out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                 stopping_criteria=criteria)
+                                 stopping_criteria=criteria, synced_gpus=False)
             texts = tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
             for i, text in zip(rows, texts):
                 results[i] = cut_at_stop_strings(text, stop_strings).strip()

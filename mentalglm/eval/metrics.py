@@ -218,8 +218,8 @@ def _micro(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, names) -> dict:
 
 
 def compute_metrics(task: Task, pred_labels, gold_labels, parsed, aspects=None) -> dict[str, dict]:
-    """One-shot helper: metrics of one task's predictions."""
-    metric = TaskMetrics(task)
+    """One-shot helper: metrics of one task's predictions (local: never synced across ranks)."""
+    metric = TaskMetrics(task, sync_on_compute=False)
     metric.update(pred_labels, gold_labels, parsed, aspects)
     return metric.compute()
 

@@ -9,6 +9,8 @@ from typing import Any, Mapping
 
 import torch
 
+from mentalglm.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -22,7 +24,7 @@ def resolve_pretrained(model_cfg: Mapping[str, Any], cache_dir: str | Path) -> s
 
         return str(ensure_tiny_checkpoint(Path(cache_dir), **dict(model_cfg["tiny"])))
     if not model_cfg.get("pretrained"):
-        raise ValueError("model.pretrained is empty: set a hub id (e.g. THUDM/glm-4-9b-chat-hf) or a local path")
+        raise ConfigError("model.pretrained is empty: set a hub id (e.g. THUDM/glm-4-9b-chat-hf) or a local path")
     return str(model_cfg["pretrained"])
 
 
@@ -41,7 +43,12 @@ def load_tokenizer(model_cfg: Mapping[str, Any], cache_dir: str | Path):
     from transformers import AutoTokenizer
 
     path = resolve_pretrained(model_cfg, cache_dir)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=_remote_code(model_cfg))
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=_remote_code(model_cfg))
+    except OSError as e:  # unknown hub id, no network, missing files: the first line says which
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot load model.pretrained={path}: {reason} (check the Hugging Face id or local "
+                          "path; offline runs need the model in the HF cache)") from None
     if tok.pad_token_id is None:
         # GLM-4 pads with <|endoftext|>; for other models the eos is the conventional stand-in.
         tok.pad_token = tok.eos_token
@@ -112,8 +119,8 @@ def check_targets(model, lora_cfg: Mapping[str, Any]) -> None:
                   or mod.__class__.__name__.startswith("Linear")}
     missing = [t for t in targets if t not in leaf_names]
     if missing:
-        raise ValueError(f"lora.target_modules {missing} match no linear module of this model; "
-                         f"linear modules are: {', '.join(sorted(leaf_names))}")
+        raise ConfigError(f"lora.target_modules {missing} match no linear module of this model; "
+                          f"linear modules are: {', '.join(sorted(leaf_names))}")
 
 
 def apply_lora(model, lora_cfg: Mapping[str, Any], init_adapter: str | Path | None = None, merge_init: bool = False):

@@ -12,11 +12,14 @@ import lightning as L
 import torch
 from torch import nn
 
+from mentalglm.distributed import gather_rows, gathered_for_generation, shard_model
+from mentalglm.errors import ConfigError
 from mentalglm.eval.generation import generate
 from mentalglm.eval.metrics import TaskMetrics, mean_f1
 from mentalglm.eval.parsing import parse_labels
 from mentalglm.models.loading import apply_lora, count_parameters, load_base_model
 from mentalglm.tasks import get_task
+from mentalglm.throughput import FlopSpec, batch_samples, sample_lengths
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,9 @@ class MentalGLMModule(L.LightningModule):
         self.bad_steps = 0
         self.bad_steps_total = 0
         self.keep_inputs = False  # evaluate.py save_inputs=true: write prompts (with posts) to predictions
+        # Read by Lightning's ThroughputMonitor after each batch (MFU where the device's peak is known).
+        self.flops_per_batch: int | None = None
+        self._flop_spec: FlopSpec | None = None
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -67,11 +73,15 @@ class MentalGLMModule(L.LightningModule):
         base = load_base_model(self.hparams.model, self.hparams.cache_dir)
         if self.hparams.lora is None and not self.hparams.init_adapter:
             self.model = base  # zero/few-shot baseline: the plain model
-            return
-        self.model = apply_lora(base, self.hparams.lora or {}, self.hparams.init_adapter,
-                                self.hparams.merge_init_adapter)
-        trainable, total = count_parameters(self.model)
-        log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+        else:
+            self.model = apply_lora(base, self.hparams.lora or {}, self.hparams.init_adapter,
+                                    self.hparams.merge_init_adapter)
+            trainable, total = count_parameters(self.model)
+            log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}",
+                     100 * trainable / total)
+        if self.device_mesh is not None:
+            # trainer=fsdp (Lightning's ModelParallelStrategy): FSDP2 is applied here, after LoRA is in place.
+            shard_model(self.model, self.device_mesh)
 
     def forward(self, **batch):
         return self.model(**batch)
@@ -81,12 +91,24 @@ class MentalGLMModule(L.LightningModule):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         out = self.model(**inputs, labels=batch["labels"], use_cache=False)
         loss = out.loss
-        n = batch["input_ids"].shape[0] if "position_ids" not in batch else int(batch.get("num_samples", 1))
+        n = batch_samples(batch)
         if not torch.isfinite(loss):
             return self._skip_non_finite(loss)
         self.bad_steps = 0
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n)
         return loss
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # Batches differ in length, so the FLOPs are counted per batch (real tokens only: padding is waste).
+        if self._flop_spec is None:
+            self._flop_spec = FlopSpec.from_model(self.model)
+        self.flops_per_batch = self._flop_spec.train_flops(sample_lengths(batch))
+
+    def on_validation_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.flops_per_batch = None  # generation: no MFU (a training batch's count would be wrong here)
+
+    def on_test_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.flops_per_batch = None
 
     def _skip_non_finite(self, loss: torch.Tensor):
         """fp16 overflow on GLM-4 is common: skip the step, count it, stop with a remedy when it persists."""
@@ -117,22 +139,50 @@ class MentalGLMModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad or "lora_" in n}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if k in keep or not k.startswith("model.")}
-        checkpoint["mentalglm"] = {"base": str(self.hparams.model.get("pretrained") or self.hparams.model.get("name")),
-                                   "lora_r": int(self.hparams.lora["r"]), "tasks": list(self.tasks)}
+        state = {k: v for k, v in checkpoint["state_dict"].items() if k in keep or not k.startswith("model.")}
+        bad = [k for k, v in state.items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+        if bad:
+            # Raised before anything is written: the last checkpoint on disk stays the last good one.
+            raise NonFiniteLossError(
+                f"adapter weights became non-finite at step {self.global_step} ({len(bad)} tensors, e.g. {bad[0]}); "
+                "refusing to write a checkpoint. Likely fp16 overflow: use trainer.precision=bf16-mixed where the "
+                "GPU supports it, or 16-mixed (loss scaling) rather than 16-true, or lower optimizer.lr; then "
+                "resume=true continues from the last good checkpoint.")
+        checkpoint["state_dict"] = state
+        checkpoint["mentalglm"] = {**self._checkpoint_identity(), "shapes": {k: list(v.shape) for k, v in state.items()},
+                                   "tasks": list(self.tasks), "non_finite_steps": self.bad_steps_total,
+                                   "fsdp": self.device_mesh is not None}  # whose optimizer-state layout
+
+    def _checkpoint_identity(self) -> dict:
+        lora = self.hparams.lora or {}
+        targets = lora.get("target_modules")
+        return {"base": str(self.hparams.model.get("pretrained") or self.hparams.model.get("name")),
+                "lora_r": lora.get("r"), "lora_alpha": lora.get("alpha"),
+                "target_modules": targets if isinstance(targets, str) or targets is None else sorted(targets)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another base model or LoRA shape, naming the difference (Lightning's own
+        error would be a size-mismatch traceback, or with strict=False nothing at all)."""
         meta = checkpoint.get("mentalglm")
         if meta is None:
             return
-        base = str(self.hparams.model.get("pretrained") or self.hparams.model.get("name"))
-        if meta["base"] != base or meta["lora_r"] != int(self.hparams.lora["r"]):
-            raise ValueError(f"checkpoint was trained on base {meta['base']!r} with LoRA r={meta['lora_r']}; "
-                             f"this run uses {base!r} with r={self.hparams.lora['r']}")
+        mine = self._checkpoint_identity()
+        problems = [f"{key} {meta[key]!r} (this run: {mine[key]!r})" for key in mine
+                    if meta.get(key) is not None and meta[key] != mine[key]]
+        shapes = {f"model.{n}": list(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
+        for key, shape in (meta.get("shapes") or {}).items():
+            if key.startswith("model.") and shapes.get(key, shape) != shape:
+                problems.append(f"{key} has shape {shape} (this run: {shapes[key]})")
+                break
+        if problems:
+            raise ConfigError(f"the checkpoint does not fit this run: it was trained with {'; '.join(problems)}. "
+                              "Use the model and lora settings it was trained with, or start without "
+                              "ckpt_path/resume")
+        self.bad_steps_total = int(meta.get("non_finite_steps", 0))
 
-    def save_adapter(self, path: str | Path) -> None:
-        self.model.save_pretrained(str(path), safe_serialization=True)
+    def save_adapter(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
+        """`state`: the full adapter weights (`adapter_state_dict`), needed when the model is sharded."""
+        self.model.save_pretrained(str(path), safe_serialization=True, state_dict=state)
 
     # ------------------------------------------------------------------ generation-based evaluation
     def _generate(self, batch: dict, *, full: bool) -> list[str]:
@@ -141,8 +191,11 @@ class MentalGLMModule(L.LightningModule):
         prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
         stop = [] if full else list(cfg.get("val_stop_strings", []))
         max_new = int(cfg["max_new_tokens"] if full else cfg["val_max_new_tokens"])
-        return generate(self.model, self.tokenizer, prompts, batch_size=len(prompts), max_new_tokens=max_new,
-                        stop_strings=stop)
+        pad = None if full else cfg.get("val_max_pad_fraction")
+        # Entered on every rank for every batch, empty ones included (it is a collective on sharded models).
+        with gathered_for_generation(self.model, self.trainer.strategy if self._trainer is not None else None):
+            return generate(self.model, self.tokenizer, prompts, batch_size=len(prompts), max_new_tokens=max_new,
+                            stop_strings=stop, max_pad_fraction=pad)
 
     def _score(self, batch: dict, texts: list[str], metrics: nn.ModuleDict) -> list[dict]:
         rows = []
@@ -179,6 +232,8 @@ class MentalGLMModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.test_results = self._compute(self.test_metrics)
         self._log_results("test", self.test_results)
+        # Each rank predicted its own batches: every rank gets all rows (the writers sort them by index).
+        self.test_predictions = gather_rows(self.test_predictions)
 
     def _compute(self, metrics: nn.ModuleDict) -> dict[str, dict]:
         # The datamodule's task list is the same on every rank; "tasks with updates" may not be, and a
