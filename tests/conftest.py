@@ -58,6 +58,15 @@ def cli_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cli_cache")
 
 
+def cli_env(outputs: Path) -> dict:
+    """The environment of a train.py / evaluate.py subprocess: outputs under `outputs`, W&B offline, and one
+    thread (the tiny model gains nothing from two, sweeps run jobs side by side, and runs whose numbers a test
+    compares must use the same thread count to be bit-identical)."""
+    return {**os.environ, "MENTALGLM_OUTPUT": str(outputs), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+            "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "1",
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
 @pytest.fixture
 def run_cli(tmp_path, cli_cache):
     """Run `train.py` / `evaluate.py` in a subprocess with outputs under tmp_path/outputs.
@@ -66,9 +75,7 @@ def run_cli(tmp_path, cli_cache):
     """
 
     def run(script: str, *overrides: str, check: bool = True, env: dict | None = None, timeout: int = 600):
-        full_env = {**os.environ, "MENTALGLM_OUTPUT": str(tmp_path / "outputs"), "WANDB_MODE": "offline",
-                    "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "1",
-                    **(env or {})}
+        full_env = {**cli_env(tmp_path / "outputs"), **(env or {})}
         cmd = [sys.executable, str(ROOT / script), f"paths.cache_dir={cli_cache}", *overrides]
         proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
