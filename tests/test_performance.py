@@ -1,0 +1,205 @@
+"""Fast batches must not change the loss; throughput counters and FLOPs must count the right things;
+validation's early stop must not change any parsed label. (No timings here: see benchmarks/.)"""
+
+import csv
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+
+from mentalglm.data.collate import IGNORE_INDEX, PackedCollator, TrainCollator
+from mentalglm.data.loaders import load_records
+from mentalglm.data.paths import FIXTURES_DIR
+from mentalglm.data.render import encode_example
+from mentalglm.data.sampler import LengthGroupedBatchSampler
+from mentalglm.eval.generation import cut_at_stop_strings
+from mentalglm.eval.parsing import parse_labels
+from mentalglm.tasks import TASKS
+from mentalglm.throughput import FlopSpec, batch_samples, real_tokens, sample_lengths
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+
+
+@pytest.fixture(scope="module")
+def features(tiny_hf_tokenizer):
+    """Rendered training items of mixed lengths (C-IMHI label-only and IMHI answers with explanations)."""
+    records = load_records(None, FIXTURES_DIR / "sos_hl_1k/suicide_train_LLM.csv")[:12]
+    records += load_records("dr", FIXTURES_DIR / "imhi/dr/train.csv")[:12]
+    out = []
+    for r in records:
+        enc = encode_example(tiny_hf_tokenizer, r, chat=True, max_length=256)
+        out.append({"input_ids": enc["input_ids"], "labels": enc["labels"]})
+    return out
+
+
+def grouped_batch(features, size=4):
+    """The first micro-batch of a length-grouped epoch over `features`."""
+    lengths = [len(f["input_ids"]) for f in features]
+    batch = next(iter(LengthGroupedBatchSampler(lengths, size, bucket_batches=50, seed=3)))
+    return [features[i] for i in batch]
+
+
+def token_losses(logits, labels):
+    """Per supervised token, row-major (logit t predicts label t+1)."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    keep = labels != IGNORE_INDEX
+    return F.cross_entropy(logits[keep].float(), labels[keep], reduction="none")
+
+
+def unpadded_token_losses(model, feats):
+    """Each sample alone: no padding, no neighbours."""
+    out = []
+    for f in feats:
+        ids, labels = torch.tensor([f["input_ids"]]), torch.tensor([f["labels"]])
+        with torch.no_grad():
+            out.append(token_losses(model(input_ids=ids, use_cache=False).logits, labels))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_grouped_and_packed_losses_equal_unpadded(tiny_checkpoint, tiny_hf_tokenizer, features, attn):
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation=attn).eval()
+    # A mixed-length batch (lots of padding) and a length-grouped one: both must match the samples alone.
+    for feats in (features[::6], grouped_batch(features)):
+        want = unpadded_token_losses(model, feats)
+        padded = TrainCollator(tiny_hf_tokenizer.pad_token_id)(feats)
+        packed = PackedCollator()(feats)
+        with torch.no_grad():
+            out_pad = model(**padded, use_cache=False)
+            out_pack = model(**packed, use_cache=False)
+        torch.testing.assert_close(token_losses(out_pad.logits, padded["labels"]), want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(token_losses(out_pack.logits, packed["labels"]), want, atol=1e-5, rtol=1e-4)
+        # The batch loss the trainer optimises is the mean over supervised tokens in every layout.
+        torch.testing.assert_close(out_pad.loss, want.mean(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out_pack.loss, want.mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_module_training_step_loss_is_layout_independent(tiny_checkpoint, tiny_hf_tokenizer, features):
+    from mentalglm.models.module import MentalGLMModule
+
+    torch.manual_seed(0)
+    module = MentalGLMModule(model={"name": "t", "pretrained": str(tiny_checkpoint), "dtype": "float32"}, lora=LORA,
+                             optimizer={"lr": 1e-3}, generation={}, tasks=["sos_hl_1k"], tokenizer=tiny_hf_tokenizer)
+    module.configure_model()
+    feats = grouped_batch(features)
+    padded = TrainCollator(tiny_hf_tokenizer.pad_token_id)(feats)
+    packed = PackedCollator()(feats)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log outside a Trainer only warns
+        a = module.training_step(padded, 0)
+        b = module.training_step(packed, 0)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, unpadded_token_losses(module.model, feats).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_batch_counters_for_padded_and_packed(features):
+    feats = features[::6]
+    n = [len(f["input_ids"]) for f in feats]
+    padded = TrainCollator(pad_id=0)(feats)
+    packed = PackedCollator()(feats)
+    assert padded["input_ids"].numel() > sum(n)  # there is padding to leave out
+    for batch in (padded, packed):
+        assert sample_lengths(batch) == n
+        assert batch_samples(batch) == len(feats)
+        assert real_tokens(batch) == sum(n)
+
+
+def test_flops_match_torch_flop_counter(tiny_checkpoint):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mentalglm.models.loading import apply_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation="eager")
+    model = apply_lora(model, LORA)
+    spec = FlopSpec.from_model(model)
+    assert spec.trainable > 0 and spec.frozen > 10 * spec.trainable
+    ids = torch.randint(0, 100, (2, 37))
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    assert fc.get_total_flops() == 2 * spec.forward_flops(37)
+    with FlopCounterMode(display=False) as fc:
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    # The formula also counts input gradients of the first layer's q/k/v, which autograd skips (a few %).
+    counted, ours = fc.get_total_flops(), spec.train_flops([37, 37])
+    assert counted <= ours < 1.05 * counted
+
+
+def c_imhi_answers():
+    """Every label alone and all labels together, with an explanation after the marker."""
+    for task in TASKS.values():
+        sets = [[lab] for lab in task.labels]
+        if not task.label_sentences:
+            sets.append(list(task.labels))
+        for labels in sets:
+            yield task, labels, task.format_answer(labels, "explanation")
+
+
+def test_val_stop_strings_never_cut_a_label():
+    stops = OmegaConf.load(ROOT / "conf/generation/default.yaml").val_stop_strings
+    n = 0
+    for task, labels, answer in c_imhi_answers():
+        cut = cut_at_stop_strings(answer, stops)
+        assert cut != answer, (task.name, answer)  # the explanation is dropped ...
+        assert parse_labels(task, cut) == parse_labels(task, answer), (task.name, labels)  # ... no label is
+        n += 1
+    assert n > 50
+
+
+def test_throughput_monitor_logs_samples_and_real_tokens(tmp_path, tiny_checkpoint, tiny_hf_tokenizer, features):
+    """The callback as configured in conf/callbacks/default.yaml, on a short fit with padded batches."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader
+
+    from mentalglm.models.module import MentalGLMModule
+
+    cfg = OmegaConf.load(ROOT / "conf/callbacks/default.yaml").throughput
+    cfg.window_size = 2
+    monitor = instantiate(cfg)
+    batches = [TrainCollator(tiny_hf_tokenizer.pad_token_id)(features[i::6][:4]) for i in range(6)]
+    module = MentalGLMModule(model={"name": "t", "pretrained": str(tiny_checkpoint), "dtype": "float32"}, lora=LORA,
+                             optimizer={"lr": 1e-3}, generation={}, tasks=["sos_hl_1k"], tokenizer=tiny_hf_tokenizer)
+    trainer = L.Trainer(accelerator="cpu", max_steps=len(batches), callbacks=[monitor], log_every_n_steps=1,
+                        logger=CSVLogger(tmp_path, name="csv"), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    last = [r for r in rows if r.get("train/lengths")][-1]
+    assert int(float(last["train/lengths"])) == sum(real_tokens(b) for b in batches)  # padding not counted
+    assert int(float(last["train/samples"])) == sum(batch_samples(b) for b in batches)
+    for key in ("train/device/samples_per_sec", "train/device/items_per_sec", "train/device/flops_per_sec"):
+        assert float(last[key]) > 0
+    assert module.flops_per_batch == FlopSpec.from_model(module.model).train_flops(sample_lengths(batches[-1]))
+
+
+def test_pad_bounded_generation_batches():
+    from mentalglm.eval.generation import _batches
+
+    lengths = [1000, 900, 600, 400, 390, 380, 300, 40, 39, 38, 30, 29]  # longest first, as generate sorts
+    prompts = [[0] * n for n in lengths]
+    order = list(range(len(prompts)))
+    assert _batches(order, prompts, 4, None) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    batches = _batches(order, prompts, 4, 0.25)
+    assert [i for b in batches for i in b] == order and all(len(b) <= 4 for b in batches)
+    for b in batches:
+        width = max(lengths[i] for i in b)
+        assert all(lengths[i] >= 0.75 * width for i in b)
+    assert batches == [[0, 1], [2], [3, 4, 5, 6], [7, 8, 9, 10], [11]]
+
+
+def test_pad_bounded_generation_keeps_outputs(tiny_model, tiny_hf_tokenizer):
+    from mentalglm.data.render import render_prompt
+    from mentalglm.eval.generation import generate
+
+    posts = ["累", "我最近压力很大，每天晚上都睡不着。" * 6, "I feel lonely.", "我很累" * 3,
+             "Work is hard. " * 20]
+    prompts = [render_prompt(tiny_hf_tokenizer, p, chat=True) for p in posts]
+    one = generate(tiny_model, tiny_hf_tokenizer, prompts, batch_size=1, max_new_tokens=10)
+    assert generate(tiny_model, tiny_hf_tokenizer, prompts, batch_size=16, max_new_tokens=10,
+                    max_pad_fraction=0.25) == one
