@@ -60,7 +60,7 @@ class InstructionDataModule(L.LightningDataModule):
         chat: bool,
         max_length: int = 1024,
         batch_size: int = 4,
-        eval_batch_size: int = 16,
+        eval_batch_size: int = 32,
         batching: str = "grouped",
         bucket_batches: int = 50,
         num_workers: int = 0,
