@@ -143,7 +143,7 @@ class InstructionDataModule(L.LightningDataModule):
             collate = TrainCollator(self.tokenizer.pad_token_id)
         rank, world = self._rank_world()
         self.sampler = LengthGroupedBatchSampler(
-            lengths, self.batch_size, bucket_batches=self.bucket_batches if self.batching != "random" else 1,
+            lengths, self.batch_size, bucket_batches=self.bucket_batches if self.batching == "grouped" else 1,
             shuffle=True, seed=self.seed, num_replicas=world, rank=rank)
         # A private generator: creating the iterator then draws nothing from the global RNG, whose state a
         # resumed run restores (RNGStateCallback) and must find where an uninterrupted run had it.
