@@ -105,6 +105,14 @@ def optimizer_and_schedule(model, total_steps: int):
     return opt, get_linear_schedule_with_warmup(opt, warmup, total_steps), params
 
 
+def use_attention_for(model, mode: str) -> None:
+    """What training does for `mode` (mentalglm/pipeline.py): packed rows get per-sample attention."""
+    from mentalglm.models import packed_attention
+
+    packed_attention.register()
+    model.get_base_model().set_attn_implementation(packed_attention.NAME if mode == "packed" else "sdpa")
+
+
 def plain_step(model, batch: dict, opt, sched, params) -> float:
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     loss = model(**inputs, labels=batch["labels"], use_cache=False).loss
@@ -131,10 +139,13 @@ def run_batching(args, tokenizer, path: Path, ds) -> tuple[list[tuple], dict]:
             stats[m]["processed"] += batch["input_ids"].numel()
             stats[m]["samples"] += batch_samples(batch)
     # Warm-up: allocator, thread pool and sdpa kernels for short and long shapes.
-    for batch in list(loaders["grouped" if "grouped" in loaders else modes[0]])[:6]:
-        plain_step(model, batch, opt, sched, params)
+    for m in modes:
+        use_attention_for(model, m)
+        for batch in list(loaders[m])[:3]:
+            plain_step(model, batch, opt, sched, params)
     for r in range(args.repeats):
         for m in modes:
+            use_attention_for(model, m)
             seconds, _ = C.timed(lambda: [plain_step(model, b, opt, sched, params) for b in loaders[m]])
             stats[m]["times"].append(seconds)
             print(f"  repeat {r + 1}/{args.repeats} {m:8s} {seconds:7.2f} s  (load {os.getloadavg()[0]:.2f})",

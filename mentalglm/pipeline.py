@@ -23,6 +23,7 @@ from mentalglm.errors import ConfigError  # noqa: F401  (re-exported: train.py a
 from mentalglm.eval.atomic import write_json_atomic
 from mentalglm.eval.metrics import mean_f1
 from mentalglm.eval.outputs import write_evaluation
+from mentalglm.models import packed_attention
 from mentalglm.models.loading import load_tokenizer
 from mentalglm.models.module import MentalGLMModule
 from mentalglm.resume import mark_stage_done, stage_done, wants_resume
@@ -92,8 +93,11 @@ def build_datamodule(cfg: DictConfig, tokenizer, tasks: list[str], out_dir: Path
 
 
 def build_module(cfg: DictConfig, tokenizer, tasks: list[str], init_adapter: str | None) -> MentalGLMModule:
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if cfg.data.batching == "packed" and model.get("attn_implementation") == "sdpa":
+        model["attn_implementation"] = packed_attention.NAME  # attention per packed sample, not the whole row
     return MentalGLMModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
+        model=model,
         lora=OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") is not None else None,
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         generation=OmegaConf.to_container(cfg.generation, resolve=True), tasks=list(dict.fromkeys(tasks)),

@@ -90,3 +90,14 @@ def test_early_stopping_option_monitors_val_f1_mean():
     cb = instantiate(cfg.callbacks.early_stopping)
     assert cb.monitor == "val/f1_mean" and cb.mode == "max" and cb.patience == 2
     assert cfg.callbacks.model_checkpoint.monitor == "val/f1_mean"
+
+
+def test_packed_batching_trains_with_per_sample_attention():
+    """data.batching=packed switches sdpa to sdpa_packed for training (no block-diagonal mask over a row)."""
+    from mentalglm.models import packed_attention
+    from mentalglm.pipeline import build_module
+
+    for batching, attn in (("packed", packed_attention.NAME), ("grouped", "sdpa")):
+        cfg = compose_train(["experiment=demo", f"data.batching={batching}"])
+        module = build_module(cfg, tokenizer=None, tasks=["sos_hl_1k"], init_adapter=None)
+        assert module.hparams.model["attn_implementation"] == attn

@@ -20,6 +20,7 @@ from mentalglm.data.render import encode_example
 from mentalglm.data.sampler import LengthGroupedBatchSampler
 from mentalglm.eval.generation import cut_at_stop_strings
 from mentalglm.eval.parsing import parse_labels
+from mentalglm.models import packed_attention
 from mentalglm.tasks import TASKS
 from mentalglm.throughput import FlopSpec, batch_samples, real_tokens, sample_lengths
 
@@ -63,8 +64,9 @@ def unpadded_token_losses(model, feats):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", packed_attention.NAME])
 def test_grouped_and_packed_losses_equal_unpadded(tiny_checkpoint, tiny_hf_tokenizer, features, attn):
+    packed_attention.register()
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation=attn).eval()
     # A mixed-length batch (lots of padding) and a length-grouped one: both must match the samples alone.
     for feats in (features[::6], grouped_batch(features)):
@@ -219,3 +221,34 @@ def test_gpu_benchmark_script_runs_on_the_tiny_model(tmp_path):
     assert float(rows["training tokens/s"].replace(",", "")) > 0
     assert float(rows["generation new tokens/s (batch 4, prompt 16, 4 new)"].replace(",", "")) > 0
     assert rows["MFU"].startswith("n/a")  # no peak FLOPs known for a CPU
+
+
+@pytest.mark.parametrize("positions, spans", [
+    ([0, 1, 2, 0, 1, 0], [(0, 3), (3, 5), (5, 6)]),
+    ([0, 1, 2, 3], None),            # one sample: plain causal sdpa
+    ([0, 1, 3, 0, 1], None),         # not runs of 0..n-1
+    ([1, 2, 0, 1], None),            # does not start a sample
+])
+def test_packed_spans(positions, spans):
+    assert packed_attention.packed_spans(torch.tensor([positions]), len(positions)) == spans
+
+
+def test_packed_spans_ignore_batches_of_several_rows():
+    assert packed_attention.packed_spans(torch.tensor([[0, 1, 0], [0, 1, 0]]), 3) is None
+    assert packed_attention.packed_spans(None, 3) is None
+
+
+def test_sdpa_packed_leaves_padded_batches_and_generation_alone(tiny_checkpoint):
+    packed_attention.register()
+    sdpa = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation="sdpa").eval()
+    packed = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation=packed_attention.NAME).eval()
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding, as in generation
+    with torch.no_grad():
+        a, b = sdpa(input_ids=ids, attention_mask=mask).logits, packed(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a[mask.bool()], b[mask.bool()])
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(sdpa.generate(**kwargs), packed.generate(**kwargs))
+

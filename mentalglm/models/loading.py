@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from mentalglm.errors import ConfigError
+from mentalglm.models import packed_attention
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ def load_base_model(model_cfg: Mapping[str, Any], cache_dir: str | Path):
     quant = quantization_config(model_cfg.get("quantization"), dtype if isinstance(dtype, torch.dtype) else torch.bfloat16)
     kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=_remote_code(model_cfg))
     if model_cfg.get("attn_implementation"):
+        if model_cfg["attn_implementation"] == packed_attention.NAME:
+            packed_attention.register()
         kwargs["attn_implementation"] = model_cfg["attn_implementation"]
     if quant is not None:
         kwargs["quantization_config"] = quant
