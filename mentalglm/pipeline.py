@@ -138,6 +138,8 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
     for key, ccfg in (cfg.get("callbacks") or {}).items():
         if ccfg is None:
             continue
+        if key == "progress_bar" and not cfg.trainer.get("enable_progress_bar", True):
+            continue  # trainer.enable_progress_bar=false alone turns the bar off (Lightning refuses both)
         kwargs = {"dirpath": str(ckpt_dir)} if ccfg._target_.endswith("Checkpoint") else {}
         callbacks.append(instantiate(ccfg, **kwargs))
     return callbacks

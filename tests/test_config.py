@@ -101,3 +101,14 @@ def test_packed_batching_trains_with_per_sample_attention():
         cfg = compose_train(["experiment=demo", f"data.batching={batching}"])
         module = build_module(cfg, tokenizer=None, tasks=["sos_hl_1k"], init_adapter=None)
         assert module.hparams.model["attn_implementation"] == attn
+
+
+def test_trainer_progress_bar_off_drops_the_progress_bar_callback(tmp_path):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from mentalglm.pipeline import build_callbacks
+
+    on = build_callbacks(compose_train(["experiment=demo"]), tmp_path)
+    off = build_callbacks(compose_train(["experiment=demo", "trainer.enable_progress_bar=false"]), tmp_path)
+    assert any(isinstance(c, TQDMProgressBar) for c in on)
+    assert not any(isinstance(c, TQDMProgressBar) for c in off) and len(off) == len(on) - 1
