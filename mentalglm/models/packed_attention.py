@@ -30,10 +30,22 @@ def packed_spans(position_ids: torch.Tensor | None, length: int) -> list[tuple[i
     return list(zip(starts, starts[1:] + [length]))
 
 
+# Every layer of one forward gets the same position_ids tensor: find its spans once, not once per layer (each
+# lookup reads the tensor back to the host). The reference held here keeps the identity check sound.
+_last: tuple[torch.Tensor | None, int, list[tuple[int, int]] | None] = (None, 0, None)
+
+
+def _spans_once(position_ids: torch.Tensor | None, length: int) -> list[tuple[int, int]] | None:
+    global _last
+    if position_ids is None or _last[0] is not position_ids or _last[1] != length:
+        _last = (position_ids, length, packed_spans(position_ids, length))
+    return _last[2]
+
+
 def sdpa_packed_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    spans = packed_spans(kwargs.get("position_ids"), query.shape[2]) if query.shape[2] == key.shape[2] else None
+    spans = _spans_once(kwargs.get("position_ids"), query.shape[2]) if query.shape[2] == key.shape[2] else None
     if spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
