@@ -110,7 +110,7 @@ def use_attention_for(model, mode: str) -> None:
     from mentalglm.models import packed_attention
 
     packed_attention.register()
-    model.get_base_model().set_attn_implementation(packed_attention.NAME if mode == "packed" else "sdpa")
+    model.get_base_model().set_attn_implementation(packed_attention.attention_for(mode, "sdpa"))
 
 
 def plain_step(model, batch: dict, opt, sched, params) -> float:

@@ -94,8 +94,8 @@ def build_datamodule(cfg: DictConfig, tokenizer, tasks: list[str], out_dir: Path
 
 def build_module(cfg: DictConfig, tokenizer, tasks: list[str], init_adapter: str | None) -> MentalGLMModule:
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    if cfg.data.batching == "packed" and model.get("attn_implementation") == "sdpa":
-        model["attn_implementation"] = packed_attention.NAME  # attention per packed sample, not the whole row
+    if model.get("attn_implementation"):  # packed rows: attention per sample, not over the whole row
+        model["attn_implementation"] = packed_attention.attention_for(cfg.data.batching, model["attn_implementation"])
     return MentalGLMModule(
         model=model,
         lora=OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") is not None else None,

@@ -59,6 +59,11 @@ def sdpa_packed_forward(module, query, key, value, attention_mask, dropout: floa
     return out.transpose(1, 2).contiguous(), None
 
 
+def attention_for(batching: str, attn_implementation: str | None) -> str | None:
+    """The attention training uses with `data.batching`: packed rows get `sdpa_packed` in place of sdpa."""
+    return NAME if batching == "packed" and attn_implementation == "sdpa" else attn_implementation
+
+
 def register() -> None:
     """Make `attn_implementation="sdpa_packed"` known to transformers (idempotent)."""
     from transformers import AttentionInterface
