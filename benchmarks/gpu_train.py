@@ -8,8 +8,8 @@ The model is `GlmConfig()` (GLM-4-9b's shape: 40 layers, hidden 4096, 32 heads, 
 151,552) with random weights, so nothing is downloaded. It is written once as a safetensors checkpoint in
 --cache-dir (about 19 GB; `--tiny` uses the 4 x 256 tiny GLM) and then loaded the way train.py loads
 `THUDM/glm-4-9b-hf`: `load_base_model` (bitsandbytes for --quantization), `apply_lora`, `MentalGLMModule`
-under a Lightning Trainer, micro-batch 4 of full 1,024-token rows, AdamW. Random weights and random tokens
-cost exactly what real ones do.
+under a Lightning Trainer, micro-batch 4 of full 1,024-token rows whose last 34% carry labels (the answer
+share of the paper's mix), AdamW. Random weights and random tokens cost exactly what real ones do.
 
 Training: steps after --warmup are timed; MFU = model FLOPs (`mentalglm.throughput.FlopSpec`, the figure
 ThroughputMonitor logs: recomputation under gradient checkpointing is not counted) / time / the GPU's peak
@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 import _common as C
 from train_throughput import StepTimer
 
+from mentalglm.models.loss import supervised_positions
 from mentalglm.throughput import FlopSpec
 
 LORA = {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -49,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2)")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--answer-fraction", type=float, default=0.34,
+                   help="supervised (answer) share of each row's tokens (REFERENCE.md section 7: 34%%); the loss "
+                        "projects only those positions onto the vocabulary")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gen-batch", type=int, default=int(C.data_default("eval_batch_size")))
@@ -96,7 +100,9 @@ def random_batches(n: int, vocab: int, args) -> list[dict]:
     out = []
     for _ in range(n):
         ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        labels = ids.clone()
+        labels[:, : args.seq - max(1, round(args.answer_fraction * args.seq))] = -100  # the prompt: no loss
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     return out
 
 
@@ -118,10 +124,12 @@ def train(args, path: Path, tokenizer):
         torch.cuda.reset_peak_memory_stats()
     module.configure_model()
     vocab = module.model.config.vocab_size
-    trainer.fit(module, train_dataloaders=DataLoader(random_batches(args.steps, vocab, args), batch_size=None))
+    batches = random_batches(args.steps, vocab, args)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     seconds = timer.end - timer.start
     steps = args.steps - args.warmup
-    flops = FlopSpec.from_model(module.model).train_flops([args.seq] * args.batch) * steps
+    spec = FlopSpec.from_model(module.model)
+    flops = spec.train_flops([args.seq] * args.batch, supervised_positions(batches[0]["labels"])) * steps
     return module, seconds, steps, flops
 
 

@@ -48,6 +48,7 @@ class FlopSpec:
     trainable: int  # weights of trainable nn.Linear layers (LoRA A/B)
     layers: int
     attn_width: int  # num_attention_heads * head_dim
+    head: int = 0  # weights of the (frozen) LM head, part of `frozen`
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> "FlopSpec":
@@ -60,21 +61,27 @@ class FlopSpec:
                     frozen += module.weight.numel()
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cls(frozen, trainable, cfg.num_hidden_layers, cfg.num_attention_heads * head_dim)
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = out.weight.numel() if isinstance(out, torch.nn.Linear) and not out.weight.requires_grad else 0
+        return cls(frozen, trainable, cfg.num_hidden_layers, cfg.num_attention_heads * head_dim, head)
 
     def forward_flops(self, n: int) -> int:
         """One sample of n tokens: 2 FLOPs per weight per token, plus QK^T and AV over the full n x n
         square (the PaLM / `torch.utils.flop_counter` convention, not halved for the causal mask)."""
         return 2 * n * (self.frozen + self.trainable) + 4 * self.layers * n * n * self.attn_width
 
-    def train_flops(self, lengths: list[int]) -> int:
+    def train_flops(self, lengths: list[int], logit_positions: int | None = None) -> int:
         """Forward + backward model FLOPs of one training batch, counting real tokens only.
 
         Frozen weights need no weight gradient, so their backward is one matmul (the input gradient):
         4 FLOPs per weight per token instead of the full-fine-tuning 6. Padding and the extra forward
         of gradient checkpointing are not model FLOPs, so they lower MFU instead of inflating it.
+        `logit_positions`: positions whose logits the loss needs (the supervised ones: mentalglm/models/loss.py
+        projects only those); None = every real token.
         """
         total = 0
         for n in lengths:
-            total += 4 * n * self.frozen + 6 * n * self.trainable + 12 * self.layers * n * n * self.attn_width
-        return total
+            body = self.frozen - self.head
+            total += 4 * n * body + 6 * n * self.trainable + 12 * self.layers * n * n * self.attn_width
+        heads = sum(lengths) if logit_positions is None else logit_positions
+        return total + 4 * heads * self.head

@@ -21,6 +21,7 @@ from mentalglm.data.sampler import LengthGroupedBatchSampler
 from mentalglm.eval.generation import cut_at_stop_strings
 from mentalglm.eval.parsing import parse_labels
 from mentalglm.models import packed_attention
+from mentalglm.models.loss import logits_selection, supervised_loss, supervised_positions
 from mentalglm.tasks import TASKS
 from mentalglm.throughput import FlopSpec, batch_samples, real_tokens, sample_lengths
 
@@ -133,6 +134,93 @@ def test_flops_match_torch_flop_counter(tiny_checkpoint):
     assert counted <= ours < 1.05 * counted
 
 
+def test_flops_with_supervised_logits_match_torch_flop_counter(tiny_checkpoint, tiny_hf_tokenizer, features):
+    """The LM head projects only supervised positions, and the FLOP count says so."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mentalglm.models.loading import apply_lora
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation="eager"), LORA)
+    spec = FlopSpec.from_model(model)
+    assert 0 < spec.head < spec.frozen
+    feats = features[:2]
+    packed = PackedCollator()(feats)
+    n = supervised_positions(packed["labels"])
+    assert 0 < n < packed["input_ids"].numel() / 2  # answers are a minority of the tokens
+    with FlopCounterMode(display=False) as fc:
+        supervised_loss(model, packed, "mask").backward()
+    with FlopCounterMode(display=False) as fc_all:
+        supervised_loss(model, packed, "all").backward()
+    lengths = sample_lengths(packed)
+    # Packed rows: the counter sees one square attention over the row, the formula one per sample: compare
+    # the difference the head makes, which is free of attention.
+    saved = fc_all.get_total_flops() - fc.get_total_flops()
+    assert saved == spec.train_flops(lengths) - spec.train_flops(lengths, n)
+
+
+def _lora_grads(model):
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("selection", ["mask", "positions"])
+def test_supervised_logits_loss_and_gradients_equal_labels_loss(tiny_checkpoint, tiny_hf_tokenizer, features,
+                                                                 selection):
+    from mentalglm.models.loading import apply_lora
+
+    torch.manual_seed(0)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_checkpoint), LORA)
+    for p in model.parameters():  # LoRA B starts at zero: give the gradient of A something to show
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    for feats in (features[::6], grouped_batch(features)):
+        for batch in (TrainCollator(tiny_hf_tokenizer.pad_token_id)(feats), PackedCollator()(feats)):
+            model.zero_grad()
+            want = model(**batch, use_cache=False).loss
+            want.backward()
+            want_grads = _lora_grads(model)
+            model.zero_grad()
+            got = supervised_loss(model, batch, selection)
+            got.backward()
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+            for k, g in _lora_grads(model).items():
+                torch.testing.assert_close(g, want_grads[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_logits_selection_follows_what_the_model_understands(tiny_checkpoint):
+    from mentalglm.models.loading import apply_lora
+
+    glm = AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    assert logits_selection(glm) == "mask"  # transformers' slice_logits_to_keep: per-row boolean masks
+    assert logits_selection(apply_lora(glm, LORA)) == "mask"  # seen through peft
+
+    class NoKeep(torch.nn.Module):  # a model without logits_to_keep: the plain labels= loss
+        def forward(self, input_ids, labels=None, use_cache=None):
+            ...
+
+    class PositionsOnly(torch.nn.Module):  # older modeling code: hidden[:, logits_to_keep, :] only
+        def forward(self, input_ids, labels=None, use_cache=None, logits_to_keep=0):
+            ...
+
+    assert logits_selection(NoKeep()) == "all"
+    assert logits_selection(PositionsOnly()) == "positions"
+
+
+def test_model_ignoring_logits_to_keep_is_a_clear_error(tiny_model, tiny_hf_tokenizer, features):
+    class IgnoresKeep(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, logits_to_keep=0, **inputs):
+            return self.model(**inputs)  # full logits whatever was asked
+
+    batch = PackedCollator()(features[:2])
+    with pytest.raises(RuntimeError, match="logits for .* positions, expected"):
+        supervised_loss(IgnoresKeep(tiny_model), batch, "mask")
+    with pytest.raises(ValueError, match="logits selection must be"):
+        supervised_loss(tiny_model, batch, "some")
+
+
 def c_imhi_answers():
     """Every label alone and all labels together, with an explanation after the marker."""
     for task in TASKS.values():
@@ -179,7 +267,9 @@ def test_throughput_monitor_logs_samples_and_real_tokens(tmp_path, tiny_checkpoi
     assert int(float(last["train/samples"])) == sum(batch_samples(b) for b in batches)
     for key in ("train/device/samples_per_sec", "train/device/items_per_sec", "train/device/flops_per_sec"):
         assert float(last[key]) > 0
-    assert module.flops_per_batch == FlopSpec.from_model(module.model).train_flops(sample_lengths(batches[-1]))
+    spec = FlopSpec.from_model(module.model)
+    assert module.flops_per_batch == spec.train_flops(sample_lengths(batches[-1]),
+                                                      supervised_positions(batches[-1]["labels"]))
 
 
 def test_pad_bounded_generation_batches():

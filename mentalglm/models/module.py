@@ -18,6 +18,7 @@ from mentalglm.eval.generation import generate
 from mentalglm.eval.metrics import TaskMetrics, mean_f1
 from mentalglm.eval.parsing import parse_labels
 from mentalglm.models.loading import apply_lora, count_parameters, load_base_model
+from mentalglm.models.loss import logits_selection, supervised_loss, supervised_positions
 from mentalglm.tasks import get_task
 from mentalglm.throughput import FlopSpec, batch_samples, sample_lengths
 
@@ -65,6 +66,7 @@ class MentalGLMModule(L.LightningModule):
         # Read by Lightning's ThroughputMonitor after each batch (MFU where the device's peak is known).
         self.flops_per_batch: int | None = None
         self._flop_spec: FlopSpec | None = None
+        self._logits_selection: str | None = None
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
@@ -86,11 +88,16 @@ class MentalGLMModule(L.LightningModule):
     def forward(self, **batch):
         return self.model(**batch)
 
+    @property
+    def logits_selection(self) -> str:
+        """How the loss asks the model for logits at supervised positions only (mentalglm/models/loss.py)."""
+        if self._logits_selection is None:
+            self._logits_selection = logits_selection(self.model)
+        return self._logits_selection
+
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int):
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-        out = self.model(**inputs, labels=batch["labels"], use_cache=False)
-        loss = out.loss
+        loss = supervised_loss(self.model, batch, self.logits_selection)
         n = batch_samples(batch)
         if not torch.isfinite(loss):
             return self._skip_non_finite(loss)
@@ -102,7 +109,8 @@ class MentalGLMModule(L.LightningModule):
         # Batches differ in length, so the FLOPs are counted per batch (real tokens only: padding is waste).
         if self._flop_spec is None:
             self._flop_spec = FlopSpec.from_model(self.model)
-        self.flops_per_batch = self._flop_spec.train_flops(sample_lengths(batch))
+        self.flops_per_batch = self._flop_spec.train_flops(
+            sample_lengths(batch), supervised_positions(batch["labels"]))
 
     def on_validation_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.flops_per_batch = None  # generation: no MFU (a training batch's count would be wrong here)
