@@ -79,9 +79,9 @@ class FlopSpec:
         `logit_positions`: positions whose logits the loss needs (the supervised ones: mentalglm/models/loss.py
         projects only those); None = every real token.
         """
+        body = self.frozen - self.head
         total = 0
         for n in lengths:
-            body = self.frozen - self.head
             total += 4 * n * body + 6 * n * self.trainable + 12 * self.layers * n * n * self.attn_width
         heads = sum(lengths) if logit_positions is None else logit_positions
         return total + 4 * heads * self.head
