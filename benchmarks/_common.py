@@ -18,9 +18,9 @@ sys.path.insert(0, str(ROOT))
 from mentalglm.data.paths import shared_data_dir  # noqa: E402
 
 INSTR = "imhi/train_data/instruction_data"
-# The sizes of the issue's benchmark model: GLM-4's architecture, 4 layers x 256 hidden.
+# The benchmark model: GLM-4's architecture, 4 layers x 256 hidden.
 TINY_4x256 = {"hidden_size": 256, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "initializer_range": 0.1}
-# REFERENCE.md section 7's mix: equal parts SOS-HL-1K, SocialCD-3K and IMHI (DR/dreaddit/SAD in thirds).
+# The real data mix: equal parts SOS-HL-1K, SocialCD-3K and IMHI (DR/dreaddit/SAD in thirds).
 MIX = {"sos_hl_1k": 3, "socialcd_3k": 3, "dr": 1, "dreaddit": 1, "sad": 1}
 
 
@@ -30,26 +30,38 @@ def default_cache_dir() -> Path:
 
 
 def data_default(key: str):
-    """A value of conf/data/default.yaml, so the benchmarks measure what training uses."""
-    from omegaconf import OmegaConf
+    """A default of the data config (mentalglm/config.py DataConfig), so the benchmarks measure what training uses."""
+    from mentalglm.config import DataConfig
 
-    return OmegaConf.load(ROOT / "conf/data/default.yaml")[key]
+    return getattr(DataConfig(name="benchmark"), key)
+
+
+def data_config(**overrides):
+    from mentalglm.config import DataConfig
+
+    return DataConfig(name="benchmark", **overrides)
 
 
 def require_shared_data() -> Path:
     d = shared_data_dir()
     if d is None:
-        sys.exit("the benchmarks need the real data in ../shared/data (or $MENTALGLM_SHARED_DATA)")
+        sys.exit("the benchmarks need the real data in ../shared/data (or $MENTALGLM_DATA)")
     return d
 
 
 def shared_specs(d: Path) -> dict:
     """The tasks and paper splits of conf/data/shared.yaml (what ../shared/data holds)."""
     return {
-        "sos_hl_1k": {"train": d / "sos_hl_1k/suicide_train_LLM.csv", "val_size": 250,
-                      "test": d / "sos_hl_1k/suicide_val_LLM.csv"},
-        "socialcd_3k": {"train": d / "socialcd_3k/train_data_with_header.tsv", "val_size": 682,
-                        "test": d / "socialcd_3k/test_data_with_header.tsv"},
+        "sos_hl_1k": {
+            "train": d / "sos_hl_1k/suicide_train_LLM.csv",
+            "val_size": 250,
+            "test": d / "sos_hl_1k/suicide_val_LLM.csv",
+        },
+        "socialcd_3k": {
+            "train": d / "socialcd_3k/train_data_with_header.tsv",
+            "val_size": 682,
+            "test": d / "socialcd_3k/test_data_with_header.tsv",
+        },
         "dr": {"train": d / INSTR / "DR/train.csv", "val": d / INSTR / "DR/val.csv"},
         "dreaddit": {"train": d / INSTR / "dreaddit/train.csv", "val": d / INSTR / "dreaddit/val.csv"},
         "sad": {"train": d / INSTR / "SAD/train.csv", "val": d / INSTR / "SAD/val.csv"},
@@ -87,8 +99,14 @@ def tiny_checkpoint(cache_dir: Path, sizes: dict) -> Path:
 
 def model_cfg(sizes: dict, attn: str = "sdpa") -> dict:
     """A `model` config (conf/model/tiny_glm.yaml) for MentalGLMModule and load_base_model."""
-    return {"name": "tiny_glm", "pretrained": None, "chat": True, "dtype": "float32", "attn_implementation": attn,
-            "tiny": dict(sizes)}
+    return {
+        "name": "tiny_glm",
+        "pretrained": None,
+        "chat": True,
+        "dtype": "float32",
+        "attn_implementation": attn,
+        "tiny": dict(sizes),
+    }
 
 
 def load_tokenizer(cache_dir: Path, sizes: dict):
@@ -102,8 +120,14 @@ def tokenize(records: list[dict], tokenizer, *, with_answer: bool, max_length: i
 
     from mentalglm.data.render import tokenize_dataset
 
-    ds, stats = tokenize_dataset(datasets.Dataset.from_list(records), tokenizer, chat=True, max_length=max_length,
-                                 with_answer=with_answer, cache_dir=cache_dir)
+    ds, stats = tokenize_dataset(
+        datasets.Dataset.from_list(records),
+        tokenizer,
+        chat=True,
+        max_length=max_length,
+        with_answer=with_answer,
+        cache_dir=cache_dir,
+    )
     return ds, stats
 
 
@@ -119,10 +143,12 @@ def median(values: list[float]) -> float:
 
 def machine() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, torch "
-            f"{torch.__version__} ({torch.get_num_threads()} threads), "
-            f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
-            f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, torch "
+        f"{torch.__version__} ({torch.get_num_threads()} threads), "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; "
+        f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
+    )
 
 
 def table(rows: list[tuple], header: tuple) -> str:

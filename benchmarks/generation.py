@@ -6,7 +6,7 @@
 Three ways to get the labels of the same validation items (real SOS-HL-1K, SocialCD-3K and IMHI
 DR/dreaddit/SAD validation rows from ../shared/data, kept in split order):
 
-  ours        the in-loop path: `MentalGLMModule._generate(batch, full=False)` on the batches of
+  ours        the in-loop path: `MentalGLMModule.generate_texts(prompts, full=False)` on the batches of
               `InstructionDataModule.val_dataloader()` (length-sorted, left-padded, batch data.eval_batch_size
               split where padding would pass generation.val_max_pad_fraction, greedy + KV cache, stops at
               the label sentence: generation.val_stop_strings or the end token, at most val_max_new_tokens)
@@ -35,35 +35,51 @@ import sys
 import warnings
 from pathlib import Path
 
+import _common as C
 import torch
 
-import _common as C
-
 from mentalglm.data.datamodule import InstructionDataModule
-from mentalglm.eval.generation import generate
-from mentalglm.eval.parsing import parse_labels
+from mentalglm.runtime.generation import generate
+from mentalglm.scoring.parsing import parse_labels
 from mentalglm.tasks import get_task
 
-TRAIN_LORA = {"r": 16, "alpha": 32, "dropout": 0.0,
-              "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]}
+TRAIN_LORA = {
+    "r": 16,
+    "alpha": 32,
+    "dropout": 0.0,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--per-group", type=int, default=100,
-                   help="validation items of SOS-HL-1K, of SocialCD-3K and of IMHI each")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="repetitions of the fast ways (median), with per-sample generation run in as many slices")
+    p.add_argument(
+        "--per-group", type=int, default=100, help="validation items of SOS-HL-1K, of SocialCD-3K and of IMHI each"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="repetitions of the fast ways (median), with per-sample generation run in as many slices",
+    )
     # 300 steps leave a model that loops ("related to the stress cause related to ...") past the label cap on
     # some IMHI items; after 1,000 its answers are gold-length (41.7 vs 44 tokens per item) and end.
     p.add_argument("--train-steps", type=int, default=1000, help="steps of the brief LoRA training (cached)")
     p.add_argument("--train-batch", type=int, default=8)
-    p.add_argument("--train-max-length", type=int, default=256,
-                   help="training rows are cut to this (the post is truncated; label sentence and answer kept)")
+    p.add_argument(
+        "--train-max-length",
+        type=int,
+        default=256,
+        help="training rows are cut to this (the post is truncated; label sentence and answer kept)",
+    )
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--vocab", type=int, default=8000, help="as in train_throughput.py; 0 = fixture tokenizer")
-    p.add_argument("--adapter", type=Path, default=None,
-                   help="a trained LoRA adapter directory (its base model is read from adapter_config.json)")
+    p.add_argument(
+        "--adapter",
+        type=Path,
+        default=None,
+        help="a trained LoRA adapter directory (its base model is read from adapter_config.json)",
+    )
     p.add_argument("--skip-per-sample", action="store_true", help="skip the slow per-sample full-answer way")
     p.add_argument("--reference-batch", type=int, default=16, help="batch size of the data-order way")
     p.add_argument("--threads", type=int, default=0)
@@ -73,9 +89,9 @@ def parse_args(argv=None):
 
 
 def generation_cfg() -> dict:
-    from omegaconf import OmegaConf
+    from mentalglm.config import GenerationConfig, to_dict
 
-    return OmegaConf.to_container(OmegaConf.load(C.ROOT / "conf/generation/default.yaml"))
+    return to_dict(GenerationConfig())
 
 
 # ----------------------------------------------------------------------------- model
@@ -108,22 +124,25 @@ def trained_model(args, base: Path, tokenizer):
     torch.manual_seed(args.seed)
     model = apply_lora(load_base_model(model_cfg, ""), TRAIN_LORA)
     seconds, loss = C.timed(lambda: train_briefly(args, model, tokenizer))
-    print(f"trained LoRA for {args.train_steps} steps in {seconds:.0f} s (last-20 mean loss {loss:.2f})",
-          file=sys.stderr)
+    print(
+        f"trained LoRA for {args.train_steps} steps in {seconds:.0f} s (last-20 mean loss {loss:.2f})", file=sys.stderr
+    )
     model.save_pretrained(str(path))
     return model.eval(), f"{path} (trained now)"
 
 
 def train_briefly(args, model, tokenizer) -> float:
     records = C.real_split("train", 2000, seed=args.seed)
-    ds, _ = C.tokenize(records, tokenizer, with_answer=True, max_length=args.train_max_length,
-                       cache_dir=args.cache_dir / "datasets")
-    dm = InstructionDataModule(tokenizer, [], {}, chat=True, batch_size=args.train_batch, seed=args.seed)
+    ds, _ = C.tokenize(
+        records, tokenizer, with_answer=True, max_length=args.train_max_length, cache_dir=args.cache_dir / "datasets"
+    )
+    dm = InstructionDataModule(tokenizer, {}, C.data_config(batch_size=args.train_batch), chat=True, seed=args.seed)
     dm.datasets["train"] = ds
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     # 20 warm-up steps, then linear decay to 5%.
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / args.train_steps))
+        opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / args.train_steps)
+    )
     model.train()
     losses, step, epoch = [], 0, 0
     while step < args.train_steps:
@@ -168,29 +187,44 @@ class ForwardCounter:
 
 # ----------------------------------------------------------------------------- the three ways
 def ours(module, loader) -> list[str]:
-    """The validation loop's own code: `_generate(full=False)` on the val DataLoader's batches."""
+    """The validation loop's own code: `generate_texts(full=False)` on the val DataLoader's batches."""
     texts: dict[int, str] = {}
     for batch in loader:
-        for i, text in zip(batch["index"], module._generate(batch, full=False)):
+        for i, text in zip(batch["index"], module.generate_texts(batch["prompts"], full=False)):
             texts[int(i)] = text
     return [texts[i] for i in sorted(texts)]
 
 
 def per_sample_full(model, tokenizer, prompts, gen: dict) -> list[str]:
-    return generate(model, tokenizer, prompts, batch_size=1, max_new_tokens=int(gen["max_new_tokens"]),
-                    stop_strings=(), sort_by_length=False)
+    return generate(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=1,
+        max_new_tokens=int(gen["max_new_tokens"]),
+        stop_strings=(),
+        sort_by_length=False,
+    )
 
 
 def data_order(model, tokenizer, prompts, gen: dict, batch_size: int) -> list[str]:
-    return generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=int(gen["val_max_new_tokens"]),
-                    stop_strings=list(gen["val_stop_strings"]), sort_by_length=False)
+    return generate(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        max_new_tokens=int(gen["val_max_new_tokens"]),
+        stop_strings=list(gen["val_stop_strings"]),
+        sort_by_length=False,
+    )
 
 
 def build_module(model, tokenizer, gen: dict, tasks: list[str]):
     from mentalglm.models.module import MentalGLMModule
 
-    module = MentalGLMModule(model={"name": "tiny_glm"}, lora=None, optimizer={}, generation=gen, tasks=tasks,
-                             tokenizer=tokenizer)
+    module = MentalGLMModule(
+        model={"name": "tiny_glm"}, lora=None, optimizer={}, generation=gen, tasks=tasks, tokenizer=tokenizer
+    )
     module.model = model
     return module
 
@@ -202,7 +236,14 @@ def val_items(args, tokenizer, batch_size: int):
     val = build_splits(C.shared_specs(C.require_shared_data()), seed=42)["val"]
     picked = {id(r) for r in C.sample_mix(val, args.per_group, args.seed)}
     records = [r for r in val if id(r) in picked]
-    dm = InstructionDataModule(tokenizer, [], {}, chat=True, eval_batch_size=batch_size, seed=args.seed)
+    dm = InstructionDataModule(
+        tokenizer,
+        {},
+        C.data_config(eval_batch_size=batch_size),
+        chat=True,
+        seed=args.seed,
+        val_max_pad_fraction=generation_cfg()["val_max_pad_fraction"],
+    )
     dm.datasets["val"], stats = C.tokenize(records, tokenizer, with_answer=False, cache_dir=args.cache_dir / "datasets")
     if stats["n_too_long"]:
         sys.exit(f"{stats['n_too_long']} validation items do not fit max_length 1024")
@@ -234,17 +275,21 @@ def main(argv=None) -> None:
     mix = ", ".join(f"{t} {sum(r['task'] == t for r in records)}" for t in C.MIX)
     gold_tokens = new_tokens(tokenizer, [r["answer"] for r in records])
     print(f"machine: {C.machine()}")
-    print(f"model: tiny GLM 4x256 + LoRA {where}; {len(records)} validation items "
-          f"({mix}), prompt tokens mean "
-          f"{sum(map(len, prompts)) / len(prompts):.0f}, max {max(map(len, prompts))}; gold answers "
-          f"{gold_tokens:.0f} tokens on average; generation config: {gen}; eval batch {batch_size} (data-order: "
-          f"{args.reference_batch})")
+    print(
+        f"model: tiny GLM 4x256 + LoRA {where}; {len(records)} validation items "
+        f"({mix}), prompt tokens mean "
+        f"{sum(map(len, prompts)) / len(prompts):.0f}, max {max(map(len, prompts))}; gold answers "
+        f"{gold_tokens:.0f} tokens on average; generation config: {gen}; eval batch {batch_size} (data-order: "
+        f"{args.reference_batch})"
+    )
 
     counter = ForwardCounter(model)
     ours(module, list(dm.val_dataloader())[:1])  # warm-up
     counter.reset()
-    fast = {"ours": lambda: ours(module, dm.val_dataloader()),
-            "data-order": lambda: data_order(model, tokenizer, prompts, gen, args.reference_batch)}
+    fast = {
+        "ours": lambda: ours(module, dm.val_dataloader()),
+        "data-order": lambda: data_order(model, tokenizer, prompts, gen, args.reference_batch),
+    }
     times: dict[str, list[float]] = {name: [] for name in fast}
     outputs, work = {}, {}
     # The machine is shared: per-sample generation (by far the slowest) runs in --repeats slices between
@@ -257,44 +302,81 @@ def main(argv=None) -> None:
             seconds, outputs[name] = C.timed(fn)
             times[name].append(seconds)
             work[name] = counter.reset()
-            print(f"  repeat {r + 1}/{args.repeats} {name:10s} {seconds:7.2f} s  (load {os.getloadavg()[0]:.2f})",
-                  file=sys.stderr)
+            print(
+                f"  repeat {r + 1}/{args.repeats} {name:10s} {seconds:7.2f} s  (load {os.getloadavg()[0]:.2f})",
+                file=sys.stderr,
+            )
         if args.skip_per_sample:
             continue
         rows = list(range(r, len(prompts), args.repeats))
-        seconds, texts = C.timed(lambda: per_sample_full(model, tokenizer, [prompts[i] for i in rows], gen))
+        part = [prompts[i] for i in rows]
+        seconds, texts = C.timed(lambda part=part: per_sample_full(model, tokenizer, part, gen))
         for i, text in zip(rows, texts):
             per_sample[i] = text
         times["per-sample"].append(seconds)
         work["per-sample"] = tuple(a + b for a, b in zip(work["per-sample"], counter.reset()))
-        print(f"  slice  {r + 1}/{args.repeats} per-sample {seconds:7.2f} s  (load {os.getloadavg()[0]:.2f})",
-              file=sys.stderr)
+        print(
+            f"  slice  {r + 1}/{args.repeats} per-sample {seconds:7.2f} s  (load {os.getloadavg()[0]:.2f})",
+            file=sys.stderr,
+        )
     if not args.skip_per_sample:
         outputs["per-sample"] = per_sample
         times["per-sample"] = [sum(times["per-sample"])]  # the slices add up to one pass over all items
 
     labels = {name: parsed(records, texts) for name, texts in outputs.items()}
-    mismatches = {name: [i for i, (a, b) in enumerate(zip(labels["ours"], labs)) if a != b]
-                  for name, labs in labels.items() if name != "ours"}
+    mismatches = {
+        name: [i for i, (a, b) in enumerate(zip(labels["ours"], labs)) if a != b]
+        for name, labs in labels.items()
+        if name != "ours"
+    }
     cap = int(gen["val_max_new_tokens"])
     stopped = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) < cap for t in outputs["ours"])
     rows = []
     for name in times:
         t = C.median(times[name])
         calls, positions = work[name]
-        rows.append((name, t, len(records) / t, new_tokens(tokenizer, outputs[name]), f"{calls:,}", f"{positions:,}",
-                     f"{sum(bool(x) for x in labels[name]) / len(records):.0%}"))
-    print(C.table(rows, ("way", "seconds", "items/s", "new tokens/item", "forward passes", "positions computed",
-                         "parsed")))
-    print(f"ours stopped before its {cap}-token cap on {stopped}/{len(records)} items; "
-          f"parsed labels identical to ours: " + ", ".join(
-              f"{n} {len(records) - len(m)}/{len(records)}" for n, m in mismatches.items()))
+        rows.append(
+            (
+                name,
+                t,
+                len(records) / t,
+                new_tokens(tokenizer, outputs[name]),
+                f"{calls:,}",
+                f"{positions:,}",
+                f"{sum(bool(x) for x in labels[name]) / len(records):.0%}",
+            )
+        )
+    print(
+        C.table(
+            rows, ("way", "seconds", "items/s", "new tokens/item", "forward passes", "positions computed", "parsed")
+        )
+    )
+    print(
+        f"ours stopped before its {cap}-token cap on {stopped}/{len(records)} items; "
+        f"parsed labels identical to ours: "
+        + ", ".join(f"{n} {len(records) - len(m)}/{len(records)}" for n, m in mismatches.items())
+    )
     t_ours, t_order = C.median(times["ours"]), C.median(times["data-order"])
-    summary = [(f"vs data-order batch {args.reference_batch} (same stops)", f"{t_order:.2f} s", f"{t_ours:.2f} s",
-                f"{t_order / t_ours:.1f}x", "target >= 1.5x")]
+    summary = [
+        (
+            f"vs data-order batch {args.reference_batch} (same stops)",
+            f"{t_order:.2f} s",
+            f"{t_ours:.2f} s",
+            f"{t_order / t_ours:.1f}x",
+            "target >= 1.5x",
+        )
+    ]
     if "per-sample" in times:
-        summary.insert(0, ("vs per-sample full answers", f"{times['per-sample'][0]:.2f} s", f"{t_ours:.2f} s",
-                           f"{times['per-sample'][0] / t_ours:.1f}x", "target >= 10x"))
+        summary.insert(
+            0,
+            (
+                "vs per-sample full answers",
+                f"{times['per-sample'][0]:.2f} s",
+                f"{t_ours:.2f} s",
+                f"{times['per-sample'][0] / t_ours:.1f}x",
+                "target >= 10x",
+            ),
+        )
     print("\n" + C.table(summary, ("ours (batched, sorted, label-only)", "reference", "ours", "speed-up", "target")))
     bad = {n: m for n, m in mismatches.items() if m}
     if bad:

@@ -11,7 +11,7 @@ The model is `GlmConfig()` (GLM-4-9b's shape: 40 layers, hidden 4096, 32 heads, 
 under a Lightning Trainer, micro-batch 4 of full 1,024-token rows whose last 34% carry labels (the answer
 share of the paper's mix), AdamW. Random weights and random tokens cost exactly what real ones do.
 
-Training: steps after --warmup are timed; MFU = model FLOPs (`mentalglm.throughput.FlopSpec`, the figure
+Training: steps after --warmup are timed; MFU = model FLOPs (`mentalglm.runtime.throughput.FlopSpec`, the figure
 ThroughputMonitor logs: recomputation under gradient checkpointing is not counted) / time / the GPU's peak
 (Lightning's table, or --peak-tflops). Peak memory: `torch.cuda.max_memory_allocated` over the run.
 Generation: the trained model, greedy with the KV cache, --gen-batch prompts of --gen-prompt tokens,
@@ -27,15 +27,14 @@ import time
 import warnings
 from pathlib import Path
 
+import _common as C
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
-
-import _common as C
 from train_throughput import StepTimer
 
 from mentalglm.models.loss import supervised_positions
-from mentalglm.throughput import FlopSpec
+from mentalglm.runtime.throughput import FlopSpec
 
 LORA = {"r": 8, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 OPTIMIZER = {"lr": 1.0e-4, "weight_decay": 0.0, "warmup_ratio": 0.01}
@@ -50,15 +49,21 @@ def parse_args(argv=None):
     p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2)")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--answer-fraction", type=float, default=0.34,
-                   help="supervised (answer) share of each row's tokens (REFERENCE.md section 7: 34%%); the loss "
-                        "projects only those positions onto the vocabulary")
+    p.add_argument(
+        "--answer-fraction",
+        type=float,
+        default=0.34,
+        help="supervised (answer) share of each row's tokens (the real mix: 34%%); the loss "
+        "projects only those positions onto the vocabulary",
+    )
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--gen-batch", type=int, default=int(C.data_default("eval_batch_size")))
     p.add_argument("--gen-prompt", type=int, default=256, help="prompt tokens per item")
     p.add_argument("--gen-new", type=int, default=32, help="new tokens per item (label-only validation: ~8-48)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if Lightning lacks it")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, if Lightning lacks it"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=C.default_cache_dir())
     return p.parse_args(argv)
@@ -109,17 +114,33 @@ def random_batches(n: int, vocab: int, args) -> list[dict]:
 def train(args, path: Path, tokenizer):
     from mentalglm.models.module import MentalGLMModule
 
-    model_cfg = {"name": "bench", "pretrained": str(path), "dtype": "bfloat16" if not args.tiny else "float32",
-                 "attn_implementation": args.attn, "gradient_checkpointing": args.gradient_checkpointing,
-                 "quantization": None if args.quantization == "none" else args.quantization}
+    model_cfg = {
+        "name": "bench",
+        "pretrained": str(path),
+        "dtype": "bfloat16" if not args.tiny else "float32",
+        "attn_implementation": args.attn,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "quantization": None if args.quantization == "none" else args.quantization,
+    }
     torch.manual_seed(args.seed)
-    module = MentalGLMModule(model=model_cfg, lora=LORA, optimizer=OPTIMIZER, generation={}, tasks=["sos_hl_1k"],
-                             tokenizer=tokenizer)
+    module = MentalGLMModule(
+        model=model_cfg, lora=LORA, optimizer=OPTIMIZER, generation={}, tasks=["sos_hl_1k"], tokenizer=tokenizer
+    )
     timer = StepTimer(args.warmup)
-    trainer = L.Trainer(accelerator=accelerator(), devices=1, precision=args.precision, max_steps=args.steps,
-                        logger=False, callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        gradient_clip_val=1.0)
+    trainer = L.Trainer(
+        accelerator=accelerator(),
+        devices=1,
+        precision=args.precision,
+        max_steps=args.steps,
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+    )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     module.configure_model()
@@ -139,13 +160,17 @@ def generation(args, model) -> tuple[float, int]:
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(args.seed + 1)
     ids = torch.randint(0, model.config.vocab_size, (args.gen_batch, args.gen_prompt), generator=g).to(device)
-    config = GenerationConfig(max_new_tokens=args.gen_new, min_new_tokens=args.gen_new, do_sample=False,
-                              use_cache=True, pad_token_id=0)
+    config = GenerationConfig(
+        max_new_tokens=args.gen_new, min_new_tokens=args.gen_new, do_sample=False, use_cache=True, pad_token_id=0
+    )
     model.eval()
     dtype = torch.bfloat16 if args.precision.startswith("bf16") else None
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        model.generate(input_ids=ids[:, :8], attention_mask=torch.ones_like(ids[:, :8]),
-                       generation_config=GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0))
+        model.generate(
+            input_ids=ids[:, :8],
+            attention_mask=torch.ones_like(ids[:, :8]),
+            generation_config=GenerationConfig(max_new_tokens=2, do_sample=False, pad_token_id=0),
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -179,20 +204,29 @@ def main(argv=None) -> None:
     peak = peak_flops(args)
     tokens = steps * args.batch * args.seq
     print(f"machine: {C.machine()}")
-    print(f"model: {'tiny GLM 4 x 256' if args.tiny else 'GLM-4-9b shape (GlmConfig(), random weights)'}, "
-          f"LoRA r{LORA['r']} q/k/v/o, quantization {args.quantization}, gradient checkpointing "
-          f"{args.gradient_checkpointing}, precision {args.precision}, attention {args.attn}; micro-batch "
-          f"{args.batch} x {args.seq} tokens, {steps} timed steps after {args.warmup}")
+    print(
+        f"model: {'tiny GLM 4 x 256' if args.tiny else 'GLM-4-9b shape (GlmConfig(), random weights)'}, "
+        f"LoRA r{LORA['r']} q/k/v/o, quantization {args.quantization}, gradient checkpointing "
+        f"{args.gradient_checkpointing}, precision {args.precision}, attention {args.attn}; micro-batch "
+        f"{args.batch} x {args.seq} tokens, {steps} timed steps after {args.warmup}"
+    )
     mfu = f"{flops / seconds / peak:.1%}" if peak else "n/a (peak unknown)"
-    print(C.table([
-        ("training tokens/s", tokens / seconds),
-        ("training samples/s", steps * args.batch / seconds),
-        ("model TFLOP/s", flops / seconds / 1e12),
-        ("MFU", mfu),
-        ("peak memory GiB", peak_mem),
-        (f"generation new tokens/s (batch {args.gen_batch}, prompt {args.gen_prompt}, {args.gen_new} new)",
-         gen_tokens / gen_seconds),
-    ], ("figure", "value")))
+    print(
+        C.table(
+            [
+                ("training tokens/s", tokens / seconds),
+                ("training samples/s", steps * args.batch / seconds),
+                ("model TFLOP/s", flops / seconds / 1e12),
+                ("MFU", mfu),
+                ("peak memory GiB", peak_mem),
+                (
+                    f"generation new tokens/s (batch {args.gen_batch}, prompt {args.gen_prompt}, {args.gen_new} new)",
+                    gen_tokens / gen_seconds,
+                ),
+            ],
+            ("figure", "value"),
+        )
+    )
 
 
 if __name__ == "__main__":

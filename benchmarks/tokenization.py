@@ -30,14 +30,38 @@ from pathlib import Path
 
 import _common as C
 
-IMHI = ["DR/train.csv", "DR/val.csv", "dreaddit/train.csv", "dreaddit/val.csv", "SAD/train.csv", "SAD/val.csv",
-        "Irf/val.csv", "MultiWD/val.csv"]
+IMHI = [
+    "DR/train.csv",
+    "DR/val.csv",
+    "dreaddit/train.csv",
+    "dreaddit/val.csv",
+    "SAD/train.csv",
+    "SAD/val.csv",
+    "Irf/val.csv",
+    "MultiWD/val.csv",
+]
 IMHI_TASK = {"DR": "dr", "dreaddit": "dreaddit", "SAD": "sad", "Irf": "irf", "MultiWD": "multiwd"}
-EXPERT = {"CAMS": "cams", "DR": "dr", "Irf": "irf", "MultiWD": "multiwd", "SAD": "sad", "dreaddit": "dreaddit",
-          "loneliness": "loneliness", "swmh": "swmh", "t-sid": "t_sid"}
-COMPLETE = {"DR/reddit_train.csv": "dr", "DR/reddit_valid.csv": "dr", "dreaddit/dreaddit-train.csv": "dreaddit",
-            "dreaddit/val.csv": "dreaddit", "SAD/train.csv": "sad", "SAD/val.csv": "sad", "Irf/val.csv": "irf",
-            "MultiWD/val.csv": "multiwd"}
+EXPERT = {
+    "CAMS": "cams",
+    "DR": "dr",
+    "Irf": "irf",
+    "MultiWD": "multiwd",
+    "SAD": "sad",
+    "dreaddit": "dreaddit",
+    "loneliness": "loneliness",
+    "swmh": "swmh",
+    "t-sid": "t_sid",
+}
+COMPLETE = {
+    "DR/reddit_train.csv": "dr",
+    "DR/reddit_valid.csv": "dr",
+    "dreaddit/dreaddit-train.csv": "dreaddit",
+    "dreaddit/val.csv": "dreaddit",
+    "SAD/train.csv": "sad",
+    "SAD/val.csv": "sad",
+    "Irf/val.csv": "irf",
+    "MultiWD/val.csv": "multiwd",
+}
 
 
 def sources(d: Path, all_formats: bool) -> list[tuple[str | None, Path]]:
@@ -58,8 +82,12 @@ def parse_args(argv=None):
     p.add_argument("--all-formats", action="store_true")
     p.add_argument("--num-proc", type=int, default=0, help="datasets.map processes (0/1 = in process, as training)")
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="tokenized-dataset cache (default: a fresh temporary folder, so the first run is cold)")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="tokenized-dataset cache (default: a fresh temporary folder, so the first run is cold)",
+    )
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # the second (cached) run's report
     return p.parse_args(argv)
 
@@ -73,8 +101,13 @@ def load_tokenizer(args):
         return tokenizer, f"real-text BPE, {len(tokenizer):,} ids"
     from mentalglm.models.loading import load_tokenizer as _load
 
-    tokenizer = _load({"tiny": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-                                "initializer_range": 0.1}}, C.default_cache_dir())
+    tokenizer = _load(
+        {
+            "name": "tiny_glm",
+            "tiny": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "initializer_range": 0.1},
+        },
+        C.default_cache_dir(),
+    )
     return tokenizer, f"tiny GLM-4-like byte-level BPE (conf/model/tiny_glm.yaml), {len(tokenizer):,} ids"
 
 
@@ -94,22 +127,52 @@ def run(args, cache: Path) -> dict:
         t0 = time.perf_counter()
         records = load_records(task, path)
         t1 = time.perf_counter()
-        ds, stats = tokenize_dataset(datasets.Dataset.from_list(records), tokenizer, chat=True,
-                                     max_length=args.max_length, with_answer=True, cache_dir=cache,
-                                     num_proc=args.num_proc or None)
+        ds, stats = tokenize_dataset(
+            datasets.Dataset.from_list(records),
+            tokenizer,
+            chat=True,
+            max_length=args.max_length,
+            with_answer=True,
+            cache_dir=cache,
+            num_proc=args.num_proc or None,
+        )
         t2 = time.perf_counter()
         load_s, tok_s = load_s + t1 - t0, tok_s + t2 - t1
-        files.append({"file": str(path.relative_to(d)), "rows": len(records), "tokens": stats["real_tokens"],
-                      "truncated": stats["n_truncated"], "too_long": stats["n_too_long"], "seconds": t2 - t1,
-                      "cache_hit": stats["cache_hit"]})
-    return {"files": files, "load_s": load_s, "tokenize_s": tok_s, "total_s": time.perf_counter() - start,
-            "tokenizer": tok_name}
+        files.append(
+            {
+                "file": str(path.relative_to(d)),
+                "rows": len(records),
+                "tokens": stats["real_tokens"],
+                "truncated": stats["n_truncated"],
+                "too_long": stats["n_too_long"],
+                "seconds": t2 - t1,
+                "cache_hit": stats["cache_hit"],
+            }
+        )
+    return {
+        "files": files,
+        "load_s": load_s,
+        "tokenize_s": tok_s,
+        "total_s": time.perf_counter() - start,
+        "tokenizer": tok_name,
+    }
 
 
 def second_run(args, cache: Path) -> dict:
     """The same run in a new process, as a second `train.py` would be (nothing warm in memory)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--json", "--cache-dir", str(cache), "--vocab", str(args.vocab),
-           "--num-proc", str(args.num_proc), "--max-length", str(args.max_length)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--json",
+        "--cache-dir",
+        str(cache),
+        "--vocab",
+        str(args.vocab),
+        "--num-proc",
+        str(args.num_proc),
+        "--max-length",
+        str(args.max_length),
+    ]
     if args.all_formats:
         cmd.append("--all-formats")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -128,18 +191,52 @@ def main(argv=None) -> None:
         warm = second_run(args, cache)
     print(f"machine: {C.machine()}")
     print(f"tokenizer: {cold['tokenizer']}; max length {args.max_length}; num_proc {args.num_proc or 1}")
-    rows = [(f["file"], f"{f['rows']:,}", f"{f['tokens']:,}", str(f["truncated"]), f["seconds"], w["seconds"],
-             "hit" if w["cache_hit"] else "MISS") for f, w in zip(cold["files"], warm["files"])]
+    rows = [
+        (
+            f["file"],
+            f"{f['rows']:,}",
+            f"{f['tokens']:,}",
+            str(f["truncated"]),
+            f["seconds"],
+            w["seconds"],
+            "hit" if w["cache_hit"] else "MISS",
+        )
+        for f, w in zip(cold["files"], warm["files"])
+    ]
     n, tokens = sum(f["rows"] for f in cold["files"]), sum(f["tokens"] for f in cold["files"])
-    rows.append(("total", f"{n:,}", f"{tokens:,}", str(sum(f["truncated"] for f in cold["files"])),
-                 cold["tokenize_s"], warm["tokenize_s"], f"{sum(w['cache_hit'] for w in warm['files'])}/{len(rows)}"))
+    rows.append(
+        (
+            "total",
+            f"{n:,}",
+            f"{tokens:,}",
+            str(sum(f["truncated"] for f in cold["files"])),
+            cold["tokenize_s"],
+            warm["tokenize_s"],
+            f"{sum(w['cache_hit'] for w in warm['files'])}/{len(rows)}",
+        )
+    )
     print(C.table(rows, ("file", "rows", "tokens", "truncated", "cold s", "cached s", "2nd run cache")))
-    print("\n" + C.table([
-        ("load (parse files) + tokenize, first run", "60 s", f"{cold['total_s']:.1f} s", f"{cold['total_s'] / 60:.2f}"),
-        ("tokenize only, first run (cold cache)", "-", f"{cold['tokenize_s']:.1f} s", "-"),
-        ("tokenize only, second run (new process)", f"{cold['tokenize_s']:.1f} s (cold)",
-         f"{warm['tokenize_s']:.1f} s", f"{cold['tokenize_s'] / max(warm['tokenize_s'], 1e-9):.0f}x faster"),
-    ], ("figure", "reference / budget", "ours", "ratio")))
+    print(
+        "\n"
+        + C.table(
+            [
+                (
+                    "load (parse files) + tokenize, first run",
+                    "60 s",
+                    f"{cold['total_s']:.1f} s",
+                    f"{cold['total_s'] / 60:.2f}",
+                ),
+                ("tokenize only, first run (cold cache)", "-", f"{cold['tokenize_s']:.1f} s", "-"),
+                (
+                    "tokenize only, second run (new process)",
+                    f"{cold['tokenize_s']:.1f} s (cold)",
+                    f"{warm['tokenize_s']:.1f} s",
+                    f"{cold['tokenize_s'] / max(warm['tokenize_s'], 1e-9):.0f}x faster",
+                ),
+            ],
+            ("figure", "reference / budget", "ours", "ratio"),
+        )
+    )
     if not all(w["cache_hit"] for w in warm["files"]):
         sys.exit("the second run missed the datasets cache")
 

@@ -3,7 +3,7 @@
 plain PyTorch + peft loop.
 
     python benchmarks/train_throughput.py                       # small defaults, a few minutes on 2 CPU cores
-    python benchmarks/train_throughput.py --per-group 600 --repeats 5 --tax-steps 60   # REFERENCE.md's 1,800 rows
+    python benchmarks/train_throughput.py --per-group 600 --repeats 5 --tax-steps 60   # 1,800 rows of the real mix
 
 (a) Batching. The same rows (SOS-HL-1K, SocialCD-3K and IMHI DR/dreaddit/SAD train rows from ../shared/data,
 loaded, split and rendered by the project's own code, max length 1024) go through one epoch of each batching
@@ -30,16 +30,15 @@ import time
 import warnings
 from pathlib import Path
 
+import _common as C
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-import _common as C
-
 from mentalglm.data.datamodule import InstructionDataModule
 from mentalglm.models.loading import apply_lora, load_base_model
 from mentalglm.models.loss import logits_selection, supervised_loss
-from mentalglm.throughput import batch_samples, real_tokens
+from mentalglm.runtime.throughput import batch_samples, real_tokens
 
 MODES = ("random", "grouped", "packed")
 LOGITS = ("all", "supervised")  # labels= (every position) | mentalglm.models.loss (supervised positions only)
@@ -50,18 +49,27 @@ CLIP = 1.0
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--per-group", type=int, default=100,
-                   help="rows of SOS-HL-1K, of SocialCD-3K and of IMHI each (REFERENCE.md section 7: 600)")
+    p.add_argument(
+        "--per-group", type=int, default=100, help="rows of SOS-HL-1K, of SocialCD-3K and of IMHI each (default 600)"
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--bucket-batches", type=int, default=C.data_default("bucket_batches"),
-                   help="micro-batches per length-sorted bucket (default: conf/data/default.yaml)")
+    p.add_argument(
+        "--bucket-batches",
+        type=int,
+        default=C.data_default("bucket_batches"),
+        help="micro-batches per length-sorted bucket (default: conf/data/default.yaml)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every measurement")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--logits", default=",".join(LOGITS), help="all (labels=) and/or supervised (the project's loss)")
-    p.add_argument("--vocab", type=int, default=8000,
-                   help="BPE vocabulary trained on the benchmark's train rows (REFERENCE.md: 8k); "
-                        "0 = the bundled fixture tokenizer (longer sequences)")
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=8000,
+        help="BPE vocabulary trained on the benchmark's train rows; "
+        "0 = the bundled fixture tokenizer (longer sequences)",
+    )
     p.add_argument("--tax-steps", type=int, default=30, help="training steps per framework-tax run")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each tax run")
     p.add_argument("--skip-batching", action="store_true")
@@ -96,8 +104,10 @@ def load_lora_model(path: Path, seed: int):
 
 def train_loader(tokenizer, ds, mode: str, args):
     """The project's own train DataLoader (sampler + collator) for `mode`, over an already tokenized split."""
-    dm = InstructionDataModule(tokenizer, [], {}, chat=True, max_length=args.max_length, batch_size=args.batch_size,
-                               batching=mode, bucket_batches=args.bucket_batches, seed=args.seed)
+    data = C.data_config(
+        max_length=args.max_length, batch_size=args.batch_size, batching=mode, bucket_batches=args.bucket_batches
+    )
+    dm = InstructionDataModule(tokenizer, {}, data, chat=True, seed=args.seed)
     dm.datasets["train"] = ds
     return dm.train_dataloader()
 
@@ -106,14 +116,15 @@ def optimizer_and_schedule(model, total_steps: int):
     from transformers import get_linear_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=OPTIMIZER["lr"], weight_decay=OPTIMIZER["weight_decay"],
-                            betas=tuple(OPTIMIZER["betas"]))
+    opt = torch.optim.AdamW(
+        params, lr=OPTIMIZER["lr"], weight_decay=OPTIMIZER["weight_decay"], betas=tuple(OPTIMIZER["betas"])
+    )
     warmup = max(1, round(OPTIMIZER["warmup_ratio"] * total_steps))
     return opt, get_linear_schedule_with_warmup(opt, warmup, total_steps), params
 
 
 def use_attention_for(model, mode: str) -> None:
-    """What training does for `mode` (mentalglm/pipeline.py): packed rows get per-sample attention."""
+    """What training does for `mode` (mentalglm/runtime/builders.py): packed rows get per-sample attention."""
     from mentalglm.models import packed_attention
 
     packed_attention.register()
@@ -158,17 +169,28 @@ def run_batching(args, tokenizer, path: Path, ds) -> tuple[list[tuple], dict]:
     for r in range(args.repeats):
         for m, x in runs:
             use_attention_for(model, m)
-            seconds, _ = C.timed(lambda: [step(b, x) for b in loaders[m]])
+            seconds, _ = C.timed(lambda m=m, x=x: [step(b, x) for b in loaders[m]])
             times[(m, x)].append(seconds)
-            print(f"  repeat {r + 1}/{args.repeats} {m:8s} {x:10s} {seconds:7.2f} s  (load {os.getloadavg()[0]:.2f})",
-                  file=sys.stderr)
+            print(
+                f"  repeat {r + 1}/{args.repeats} {m:8s} {x:10s} {seconds:7.2f} s  (load {os.getloadavg()[0]:.2f})",
+                file=sys.stderr,
+            )
     rows = []
     ref = runs[0]
     base = stats[ref[0]]["real"] / C.median(times[ref])
     for m, x in runs:
         s, t = stats[m], C.median(times[(m, x)])
-        rows.append((m, x, f"{s['real'] / s['processed']:.1%}", s["real"] / t, s["samples"] / t, t,
-                     f"{(s['real'] / t) / base:.2f}x"))
+        rows.append(
+            (
+                m,
+                x,
+                f"{s['real'] / s['processed']:.1%}",
+                s["real"] / t,
+                s["samples"] / t,
+                t,
+                f"{(s['real'] / t) / base:.2f}x",
+            )
+        )
     return rows, {"selection": selection["supervised"], "reference": ref}
 
 
@@ -178,13 +200,18 @@ def full_split_fractions(args, tokenizer, n_seeds: int = 3) -> list[tuple]:
     from mentalglm.data.sampler import LengthGroupedBatchSampler, padding_stats
 
     records = C.real_split("train", per_group=10**9, seed=args.seed)
-    ds, _ = C.tokenize(records, tokenizer, with_answer=True, max_length=args.max_length,
-                       cache_dir=args.cache_dir / "datasets")
+    ds, _ = C.tokenize(
+        records, tokenizer, with_answer=True, max_length=args.max_length, cache_dir=args.cache_dir / "datasets"
+    )
     lengths = ds["length"]
     out = []
     for name, bucket in (("random", 1), ("grouped", args.bucket_batches)):
-        fr = [padding_stats(lengths, list(LengthGroupedBatchSampler(lengths, args.batch_size, bucket_batches=bucket,
-                                                                    seed=s))) for s in range(n_seeds)]
+        fr = [
+            padding_stats(
+                lengths, list(LengthGroupedBatchSampler(lengths, args.batch_size, bucket_batches=bucket, seed=s))
+            )
+            for s in range(n_seeds)
+        ]
         out.append((name, len(lengths), sum(fr) / len(fr)))
     return out
 
@@ -202,8 +229,15 @@ def ratio_rows(rows: list[tuple]) -> list[tuple]:
     out = []
     for ours, ref, name, target in wanted:
         if ours in speed and ref in speed:
-            out.append((f"real tokens/s, {name}", f"{' + '.join(ref)}: {speed[ref]:,.0f}",
-                        f"{' + '.join(ours)}: {speed[ours]:,.0f}", f"{speed[ours] / speed[ref]:.2f}x", target))
+            out.append(
+                (
+                    f"real tokens/s, {name}",
+                    f"{' + '.join(ref)}: {speed[ref]:,.0f}",
+                    f"{' + '.join(ours)}: {speed[ours]:,.0f}",
+                    f"{speed[ours] / speed[ref]:.2f}x",
+                    target,
+                )
+            )
     return out
 
 
@@ -231,13 +265,28 @@ def lightning_run(args, tokenizer, path: Path, batches: list[dict]) -> tuple[flo
     torch.manual_seed(args.seed)
     module = MentalGLMModule(
         model={"name": "tiny_glm", "pretrained": str(path), "dtype": "float32", "attn_implementation": "sdpa"},
-        lora=LORA, optimizer=OPTIMIZER, generation={"max_new_tokens": 8, "val_max_new_tokens": 8},
-        tasks=["sos_hl_1k"], tokenizer=tokenizer)
+        lora=LORA,
+        optimizer=OPTIMIZER,
+        generation={"max_new_tokens": 8, "val_max_new_tokens": 8},
+        tasks=["sos_hl_1k"],
+        tokenizer=tokenizer,
+    )
     timer = StepTimer(args.warmup)
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=len(batches), logger=False,
-                        callbacks=[timer], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        gradient_clip_val=CLIP, accumulate_grad_batches=1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        max_steps=len(batches),
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        gradient_clip_val=CLIP,
+        accumulate_grad_batches=1,
+    )
     # batch_size=None: the DataLoader hands over the pre-built batches unchanged, as the plain loop sees them.
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     return timer.end - timer.start, timer.losses
@@ -260,19 +309,24 @@ def run_tax(args, tokenizer, path: Path, ds) -> list[tuple]:
     batches = list(train_loader(tokenizer, ds, "grouped", args))[: args.tax_steps]
     if len(batches) <= args.warmup:
         sys.exit(f"--tax-steps ({len(batches)} batches available) must exceed --warmup ({args.warmup})")
-    timed = batches[args.warmup:]
+    timed = batches[args.warmup :]
     samples = sum(batch_samples(b) for b in timed)
     tokens = sum(real_tokens(b) for b in timed)
     times = {"plain": [], "lightning": []}
     losses = {}
     for r in range(args.repeats):
         for name in ("plain", "lightning"):
-            run = (lambda: plain_run(args, path, copy.deepcopy(batches))) if name == "plain" else (
-                lambda: lightning_run(args, tokenizer, path, copy.deepcopy(batches)))
+            run = (
+                (lambda: plain_run(args, path, copy.deepcopy(batches)))
+                if name == "plain"
+                else (lambda: lightning_run(args, tokenizer, path, copy.deepcopy(batches)))
+            )
             seconds, losses[name] = run()
             times[name].append(seconds)
-            print(f"  repeat {r + 1}/{args.repeats} {name:9s} {seconds:7.2f} s  (load {os.getloadavg()[0]:.2f})",
-                  file=sys.stderr)
+            print(
+                f"  repeat {r + 1}/{args.repeats} {name:9s} {seconds:7.2f} s  (load {os.getloadavg()[0]:.2f})",
+                file=sys.stderr,
+            )
     rows = []
     for name in ("plain", "lightning"):
         t = C.median(times[name])
@@ -289,38 +343,71 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     records = C.real_split("train", args.per_group, seed=args.seed)
     tokenizer, path = build_tokenizer_and_checkpoint(args, C.real_split("train", 10**9, seed=args.seed))
-    ds, tok_stats = C.tokenize(records, tokenizer, with_answer=True, max_length=args.max_length,
-                               cache_dir=args.cache_dir / "datasets")
+    ds, tok_stats = C.tokenize(
+        records, tokenizer, with_answer=True, max_length=args.max_length, cache_dir=args.cache_dir / "datasets"
+    )
     lengths = ds["length"]
     print(f"machine: {C.machine()}")
     tok_name = f"BPE {args.vocab} trained on the train rows" if args.vocab else "fixtures BPE"
-    print(f"data: {len(records)} train rows (SOS-HL-1K/SocialCD-3K/IMHI = 1/1/1), {sum(lengths):,} real tokens, "
-          f"mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}; {tok_stats['n_truncated']} truncated to "
-          f"{args.max_length}; tokenizer: {tok_name} ({len(tokenizer)} ids); model: tiny GLM "
-          f"{C.TINY_4x256['num_layers']} layers x "
-          f"{C.TINY_4x256['hidden_size']} hidden, LoRA r{LORA['r']} q/k/v/o, fp32, micro-batch {args.batch_size}")
+    print(
+        f"data: {len(records)} train rows (SOS-HL-1K/SocialCD-3K/IMHI = 1/1/1), {sum(lengths):,} real tokens, "
+        f"mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}; {tok_stats['n_truncated']} truncated to "
+        f"{args.max_length}; tokenizer: {tok_name} ({len(tokenizer)} ids); model: tiny GLM "
+        f"{C.TINY_4x256['num_layers']} layers x "
+        f"{C.TINY_4x256['hidden_size']} hidden, LoRA r{LORA['r']} q/k/v/o, fp32, micro-batch {args.batch_size}"
+    )
     if not args.skip_batching:
-        print("\n(a) batching: one epoch of the same rows per mode, plain loop, median of "
-              f"{args.repeats} interleaved repeats")
+        print(
+            "\n(a) batching: one epoch of the same rows per mode, plain loop, median of "
+            f"{args.repeats} interleaved repeats"
+        )
         rows, info = run_batching(args, tokenizer, path, ds)
         ref = " + ".join(info["reference"])
-        print(C.table(rows, ("batching", "logits", "real-token fraction", "real tokens/s", "samples/s", "epoch s",
-                             f"real tokens/s vs {ref}")))
+        print(
+            C.table(
+                rows,
+                (
+                    "batching",
+                    "logits",
+                    "real-token fraction",
+                    "real tokens/s",
+                    "samples/s",
+                    "epoch s",
+                    f"real tokens/s vs {ref}",
+                ),
+            )
+        )
         print(f"supervised logits: logits_to_keep as a {info['selection']!r} selection (mentalglm/models/loss.py)")
         frac = full_split_fractions(args, tokenizer)
-        print("\nreal-token fraction over the whole train split (lengths only, mean of 3 sampler seeds): "
-              + ", ".join(f"{n} {f:.1%}" for n, _, f in frac) + f" ({frac[0][1]:,} rows)")
+        print(
+            "\nreal-token fraction over the whole train split (lengths only, mean of 3 sampler seeds): "
+            + ", ".join(f"{n} {f:.1%}" for n, _, f in frac)
+            + f" ({frac[0][1]:,} rows)"
+        )
         print("\n" + C.table(ratio_rows(rows), ("figure", "reference", "ours", "ratio", "target")))
     if not args.skip_tax:
-        print(f"\n(b) framework tax: {args.tax_steps} grouped batches ({args.warmup} untimed), median of "
-              f"{args.repeats} interleaved repeats")
+        print(
+            f"\n(b) framework tax: {args.tax_steps} grouped batches ({args.warmup} untimed), median of "
+            f"{args.repeats} interleaved repeats"
+        )
         rows = run_tax(args, tokenizer, path, ds)
         print(C.table(rows, ("loop", "samples/s", "real tokens/s", "timed s", "mean loss")))
         plain, light = rows
-        print("\n" + C.table([("real tokens/s", f"{plain[2]:,.0f} (plain PyTorch + peft)",
-                               f"{light[2]:,.0f} (MentalGLMModule + Trainer)", f"{light[2] / plain[2]:.3f}x",
-                               "target >= 0.95x")],
-                             ("figure", "reference", "ours", "ratio", "target")))
+        print(
+            "\n"
+            + C.table(
+                [
+                    (
+                        "real tokens/s",
+                        f"{plain[2]:,.0f} (plain PyTorch + peft)",
+                        f"{light[2]:,.0f} (MentalGLMModule + Trainer)",
+                        f"{light[2] / plain[2]:.3f}x",
+                        "target >= 0.95x",
+                    )
+                ],
+                ("figure", "reference", "ours", "ratio", "target"),
+            )
+        )
 
 
 if __name__ == "__main__":

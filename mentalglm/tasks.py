@@ -1,39 +1,96 @@
-"""The one place that defines every task: labels, prompt and answer formats, parser vocabulary, metric.
+"""Tasks are data: one YAML file per task (conf/task/<name>.yaml), read into the typed `Task` everything else uses.
 
-Everything else (loaders, instruction building, validation, evaluate.py, reports) reads a `Task`
-from `TASKS`. Adding a dataset means adding one `Task` here plus its `conf/data` entry.
+A task file holds the task's name, display name, kind, labels (with display names), query/answer templates,
+explanation marker, parser aliases, positive class, parents, aspects and raw format. The built-in tasks are
+read from conf/task the same way a user's task is read from any path (`data.tasks.<name>.definition`).
 
 Record schema shared by every loader (one row of a `datasets.Dataset`):
-    task      task name (a key of TASKS)
+    task      task name
     id        stable item id, unique within (task, split)
     query     the full instruction text (post embedded)
     answer    the gold answer: label sentence, then the explanation marker and explanation if any
-    labels    gold labels, list of label names of the task (for cp: leaves "父类-子类" or a lone parent)
-    aspect    MultiWD/IRF aspect asked about ("" for other tasks)
+    labels    gold labels, list of label names of the task (hierarchical: leaves "父类-子类" or a lone parent)
+    aspect    the aspect an aspect task asks about ("" for other tasks)
     post_start, post_end   char span of the post inside `query` (-1, -1 when unknown); truncation
                            cuts only inside this span
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from mentalglm.errors import ConfigError
 
 Kind = Literal["binary", "multiclass", "multilabel", "hierarchical"]
-
+KINDS = ("binary", "multiclass", "multilabel", "hierarchical")
+SINGLE_LABEL_KINDS = ("binary", "multiclass")
+LANGUAGES = ("zh", "en")
+SECONDARY_METRICS = ("accuracy", "f1_weighted")
 RECORD_FIELDS = ("task", "id", "query", "answer", "labels", "aspect", "post_start", "post_end")
+TASK_DIR = Path(__file__).resolve().parents[1] / "conf" / "task"
+# Template fields a data config may override per task (data.templates.<task>.<field>).
+# Keys of metrics.json beside the metric keys (mentalglm/reporting/writer.py): no task's metric key may be one.
+RESERVED_NAMES = frozenset({"f1_mean", "majority_baseline", "tasks", "templates", "schema_version"})
+TEMPLATE_FIELDS = (
+    "query_template",
+    "answer_template",
+    "label_sentences",
+    "label_joiner",
+    "none_word",
+    "explanation_marker",
+    "explanation_sep",
+    "description",
+)
+
+
+@dataclass
+class TaskSpec:
+    """The schema of a task file. Read through OmegaConf's structured config: a misspelt key or a value of the
+    wrong type is an error naming the file, never silently ignored."""
+
+    name: str = "???"
+    kind: str = "???"
+    query_template: str = "???"
+    display_name: str | None = None
+    language: str = "zh"
+    # A format name (mentalglm/data/formats.py) or an inline table layout
+    # ({delimiter, header, columns, id, text, labels}).
+    format: Any = None
+    labels: list[str] = field(default_factory=list)
+    label_display_names: dict[str, str] = field(default_factory=dict)
+    parents: dict[str, list[str]] = field(default_factory=dict)
+    child_sep: str = "-"
+    positive: str | None = None
+    aspects: list[str] = field(default_factory=list)
+    answer_template: str = ""
+    label_sentences: dict[str, str] = field(default_factory=dict)
+    label_joiner: str = "、"
+    none_word: str = "无"
+    explanation_marker: str = "推理："
+    explanation_sep: str = ""
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+    case_sensitive: bool = True
+    secondary_metrics: list[str] = field(default_factory=list)
+    # The task description d of the paper's Eq. 1 (label set and short definitions), for prompts that state it.
+    description: str = ""
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    group: Literal["c_imhi", "imhi"]
     kind: Kind
     labels: tuple[str, ...]
-    # Query with a `{post}` slot (and `{aspect}` for aspect tasks); "{question}" is already filled in.
+    # Query with a `{post}` slot (and `{aspect}` for aspect tasks).
     query_template: str
-    # Answer sentence. C-IMHI: `{labels}` is the label list joined by `label_joiner`.
-    # IMHI: one fixed sentence per label in `label_sentences`.
+    display_name: str = ""
+    language: str = "zh"
+    format: Any = None
+    label_display_names: dict[str, str] = field(default_factory=dict)
+    # Answer sentence: `{labels}` is the label list joined by `label_joiner`, or one fixed sentence per label.
     answer_template: str = ""
     label_sentences: dict[str, str] = field(default_factory=dict)
     label_joiner: str = "、"
@@ -47,19 +104,84 @@ class Task:
     child_sep: str = "-"  # hierarchical leaves written "父类-子类"
     aspects: tuple[str, ...] = ()
     case_sensitive: bool = True
-    # MentaLLaMA reports weighted F1 + accuracy for IMHI; the paper reports P/R/F1 for C-IMHI.
-    imhi_style_metrics: bool = False
+    secondary_metrics: tuple[str, ...] = ()  # reported beside P/R/F1 (IMHI: accuracy, weighted F1)
+    description: str = ""
+    source: str = ""  # the file the task was read from (for error messages)
 
+    def __post_init__(self) -> None:
+        if not self.display_name:
+            object.__setattr__(self, "display_name", self.name)
+        problem = self._problem()
+        if problem:
+            where = f"{self.source}: " if self.source else ""
+            raise ConfigError(f"{where}task {self.name}: {problem}")
+
+    def _problem(self) -> str | None:
+        if self.kind not in KINDS:
+            return f"kind {self.kind!r} is not one of {', '.join(KINDS)}"
+        if not self.name.isidentifier() or set(self.metric_keys) & RESERVED_NAMES:
+            return f"a task name is an identifier (letters, digits, _) other than {', '.join(sorted(RESERVED_NAMES))}"
+        if self.language not in LANGUAGES:
+            return f"language {self.language!r} is not one of {', '.join(LANGUAGES)}"
+        if "{post}" not in self.query_template:
+            return "query_template has no {post} slot"
+        if bool(self.aspects) != ("{aspect}" in self.query_template):
+            return "aspects and an {aspect} slot in query_template go together"
+        if not self.labels:
+            return "no labels"
+        if len(set(self.labels)) != len(self.labels):
+            return "labels repeat"
+        if self.kind == "binary" and (len(self.labels) != 2 or self.positive not in self.labels):
+            return "a binary task needs two labels and `positive`, one of them"
+        if self.kind == "hierarchical" and not self.parents:
+            return "a hierarchical task needs `parents`"
+        if self.label_sentences:
+            missing = [lab for lab in self.labels if lab not in self.label_sentences]
+            if missing or self.kind not in SINGLE_LABEL_KINDS:
+                return f"label_sentences must give one sentence per label of a single-label task (missing {missing})"
+        elif "{labels}" not in self.answer_template:
+            return "answer_template has no {labels} slot (or give label_sentences)"
+        known = set(self.labels) | set(self.children)
+        for name, mapping in (("aliases", self.aliases), ("label_display_names", self.label_display_names)):
+            unknown = [k for k in mapping if k not in known]
+            if unknown:
+                return f"{name} names {unknown}, which are not labels of the task"
+        bad = [m for m in self.secondary_metrics if m not in SECONDARY_METRICS]
+        if bad:
+            return f"secondary_metrics {bad}: choose from {', '.join(SECONDARY_METRICS)}"
+        return None
+
+    # ------------------------------------------------------------------ derived
     @property
     def metric_keys(self) -> tuple[str, ...]:
-        """Names of the result rows this task produces (cp yields two: parent and child level)."""
+        """Names of the result rows this task produces (a hierarchical task yields two: parent and child level)."""
         if self.kind == "hierarchical":
             return (f"{self.name}_parent", f"{self.name}_child")
         return (self.name,)
 
     @property
+    def metric_display_names(self) -> dict[str, str]:
+        if self.kind == "hierarchical":
+            parent, child = self.metric_keys
+            return {parent: f"{self.display_name} (parent)", child: f"{self.display_name} (child)"}
+        return {self.name: self.display_name}
+
+    @property
     def children(self) -> tuple[str, ...]:
         return tuple(c for kids in self.parents.values() for c in kids)
+
+    @property
+    def label_order(self) -> dict[str, int]:
+        return {lab: i for i, lab in enumerate(self.labels)}
+
+    def label_display_name(self, label: str) -> str:
+        """English display name of a label (or leaf "父类-子类": its child's), else the label itself."""
+        if label in self.label_display_names:
+            return self.label_display_names[label]
+        if self.kind == "hierarchical" and self.child_sep in label:
+            parent, child = label.split(self.child_sep, 1)
+            return self.label_display_names.get(child, child)
+        return label
 
     def leaf(self, parent: str, child: str) -> str:
         return f"{parent}{self.child_sep}{child}"
@@ -70,20 +192,23 @@ class Task:
                 return p
         raise KeyError(child)
 
+    # ------------------------------------------------------------------ rendering
     def format_query(self, post: str, aspect: str = "") -> tuple[str, int, int]:
         """Return the query and the char span of the post inside it."""
         head, _, tail = self.query_template.partition("{post}")
         head, tail = head.replace("{aspect}", aspect), tail.replace("{aspect}", aspect)
         return head + post + tail, len(head), len(head) + len(post)
 
-    def format_answer(self, labels: list[str], explanation: str | None = None) -> str:
+    def label_sentence(self, labels: list[str]) -> str:
         if self.label_sentences:
             if len(labels) != 1:
                 raise ValueError(f"task {self.name} takes exactly one label, got {labels}")
-            sentence = self.label_sentences[labels[0]]
-        else:
-            ordered = self.order_labels(labels)
-            sentence = self.answer_template.format(labels=self.label_joiner.join(ordered) or self.none_word)
+            return self.label_sentences[labels[0]]
+        ordered = self.order_labels(labels)
+        return self.answer_template.format(labels=self.label_joiner.join(ordered) or self.none_word)
+
+    def format_answer(self, labels: list[str], explanation: str | None = None) -> str:
+        sentence = self.label_sentence(labels)
         if explanation:
             return f"{sentence}{self.explanation_sep}{self.explanation_marker}{explanation}"
         return sentence
@@ -96,158 +221,116 @@ class Task:
                 raise ValueError(f"label {lab!r} is not in task {self.name}'s label set")
         return sorted(set(labels), key=order.__getitem__)
 
-    @property
-    def label_order(self) -> dict[str, int]:
-        return {lab: i for i, lab in enumerate(self.labels)}
-
-    def with_templates(self, **overrides) -> "Task":
+    def with_templates(self, **overrides) -> Task:
         """A copy with user templates (from config) swapped in."""
+        unknown = sorted(set(overrides) - set(TEMPLATE_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"data.templates.{self.name}: unknown keys {unknown}; known: {', '.join(TEMPLATE_FIELDS)}"
+            )
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
-# ----------------------------------------------------------------------------- C-IMHI (Chinese)
+# ----------------------------------------------------------------------------- reading task files
+def task_from_spec(spec: Mapping[str, Any], source: str = "") -> Task:
+    """Validate a task definition (a task file's content) against `TaskSpec` and build the `Task`."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-SOS_HL_1K = Task(
-    name="sos_hl_1k",
-    group="c_imhi",
-    kind="binary",
-    labels=("低自杀风险", "高自杀风险"),
-    positive="高自杀风险",
-    query_template="考虑以下帖子：\"{post}\" 问题：这个帖子的发布者的自杀风险是高还是低？",
-    answer_template="该帖子的发布者有{labels}。",
-    aliases={"低自杀风险": ("低风险", "自杀风险低", "风险较低", "风险低"), "高自杀风险": ("高风险", "自杀风险高", "风险较高", "风险高")},
-)
-
-SOCIALCD_3K = Task(
-    name="socialcd_3k",
-    group="c_imhi",
-    kind="multilabel",
-    labels=("非此即彼", "以偏概全", "心理过滤", "否定正面思考", "读心术", "先知错误",
-            "放大", "情绪化推理", "应该式", "乱贴标签", "罪责归己", "罪责归他"),
-    query_template="考虑以下帖子：\"{post}\" 问题：这个帖子体现了哪些认知歪曲？",
-    answer_template="该帖子体现的认知歪曲：{labels}。",
-    aliases={"应该式": ("应该句式",), "放大": ("放大和缩小",), "非此即彼": ("全或无",)},
-)
-
-_CP_PARENTS = {
-    "触发性事件": ("疾病症状", "社会关系", "生活", "学习工作", "情感"),
-    "认知歪曲": ("非此即彼", "以偏概全", "心理过滤", "否定正面思考", "妄下结论", "放大和缩小",
-                 "情绪化推理", "应该句式", "乱贴标签", "罪责归己/他"),
-    "情绪反应": ("情感效应", "行为效应"),
-    "驳斥": ("习惯性驳斥", "有效驳斥"),
-}
-
-CP = Task(
-    name="cp",
-    group="c_imhi",
-    kind="hierarchical",
-    # Label set = leaves "父类-子类" plus the four parents (a parent may be given without a child).
-    labels=tuple(p for p in _CP_PARENTS)
-    + tuple(f"{p}-{c}" for p, kids in _CP_PARENTS.items() for c in kids),
-    parents=_CP_PARENTS,
-    query_template="考虑以下句子：\"{post}\" 问题：这个句子体现了哪些认知路径？",
-    answer_template="该句子体现的认知路径：{labels}。",
-    aliases={"罪责归己/他": ("罪责归己", "罪责归他", "罪责归己或他")},
-)
-
-# ----------------------------------------------------------------------------- IMHI (English)
-
-_IMHI = dict(group="imhi", explanation_marker="Reasoning: ", explanation_sep=" ", case_sensitive=False,
-             imhi_style_metrics=True)
-_IMHI_QUERY = 'Consider this post: "{post}" Question: '
-
-
-def _yes_no(name: str, question: str, yes: str, no: str, aspects: tuple[str, ...] = ()) -> Task:
-    return Task(
-        name=name,
-        kind="binary",
-        labels=("no", "yes"),
-        positive="yes",
-        query_template=_IMHI_QUERY + question,
-        label_sentences={"yes": yes, "no": no},
-        # First hit by position wins for single-label tasks, so "No, ... does not ..." reads "no".
-        aliases={"yes": ("yes", yes.split(", ", 1)[1].rstrip(".")),
-                 "no": ("no", "not", no.split(", ", 1)[1].rstrip("."))},
-        aspects=aspects,
-        **_IMHI,
-    )
-
-
-def _multiclass(name: str, question: str, sentences: dict[str, str], aliases: dict) -> Task:
-    return Task(name=name, kind="multiclass", labels=tuple(sentences), query_template=_IMHI_QUERY + question,
-                label_sentences=sentences, aliases=aliases, **_IMHI)
-
-
-DR = _yes_no("dr", "Does the poster suffer from depression?",
-             "Yes, the poster suffers from depression.", "No, the poster does not suffer from depression.")
-DREADDIT = _yes_no("dreaddit", "Does the poster suffer from stress?",
-                   "Yes, the poster suffers from stress.", "No, the poster does not suffer from stress.")
-LONELINESS = _yes_no("loneliness", "Does the poster suffer from loneliness?",
-                     "Yes, the poster suffers from loneliness.", "No, the poster does not suffer from loneliness.")
-MULTIWD = _yes_no("multiwd", "Does the {aspect} wellness dimension exist in the post?",
-                  "Yes, this wellness dimension exists in the post.",
-                  "No, this wellness dimension does not exist in the post.",
-                  aspects=("spiritual", "physical", "intellectual", "social", "vocational", "emotional"))
-IRF = _yes_no("irf", "Does the post show risk of {aspect}?",
-              "Yes, the post shows this risk.", "No, the post does not show this risk.",
-              aspects=("thwarted belongingness", "perceived burdensomeness"))
-
-_SAD_CAUSES = ("school", "financial problem", "family issues", "social relationships", "work",
-               "health issues", "emotion turmoil", "everyday decision making")
-SAD = _multiclass(
-    "sad", "What is the stress cause of this post?",
-    {**{c: f"This post shows the stress cause related to {c}." for c in _SAD_CAUSES},
-     "other": "This post shows other stress causes."},
-    {"other": ("other stress cause", "other cause", "other causes"),
-     "financial problem": ("financial problems", "finance", "financial"),
-     "family issues": ("family issue", "family"),
-     "social relationships": ("social relationship", "relationships", "relationship"),
-     "health issues": ("health issue", "health"),
-     "emotion turmoil": ("emotional turmoil", "emotions"),
-     "everyday decision making": ("decision making", "decision-making")},
-)
-_CAMS_CAUSES = ("bias or abuse", "jobs and career", "medication", "relationship", "alienation")
-CAMS = _multiclass(
-    "cams", "What cause of depression does this post show?",
-    {"none": "This post shows no causes of depression.",
-     **{c: f"This post shows causes of depression related to {c}." for c in _CAMS_CAUSES}},
-    {"none": ("no causes", "no cause", "no specific cause"),
-     "bias or abuse": ("bias", "abuse"),
-     "jobs and career": ("jobs and careers", "job and career", "jobs", "career"),
-     "medication": ("medications", "medical"),
-     "relationship": ("relationships",),
-     "alienation": ("alienated",)},
-)
-_SWMH = ("depression", "suicide", "anxiety", "bipolar disorder")
-SWMH = _multiclass(
-    "swmh", "What mental disorder symptoms does this post show?",
-    {"none": "This post shows no mental disorder symptoms.",
-     **{c: f"This post shows mental disorder symptoms related to {c}." for c in _SWMH}},
-    {"none": ("no mental disorder", "no mental disorders"), "suicide": ("suicidal",), "bipolar disorder": ("bipolar",)},
-)
-T_SID = _multiclass(
-    "t_sid", "What mental disorder does this post show?",
-    {"none": "This post shows no mental disorders.",
-     "suicide or self-harm tendency": "This post shows suicide or self-harm tendency.",
-     "depression": "This post shows depression.",
-     "ptsd": "This post shows PTSD."},
-    # Plural alias: the gold sentence is "This post shows no mental disorders." and English matches need word ends.
-    {"none": ("no mental disorder", "no mental disorders"), "suicide or self-harm tendency": ("suicide", "self-harm", "suicidal"),
-     "ptsd": ("post-traumatic",)},
-)
-
-TASKS: dict[str, Task] = {
-    t.name: t
-    for t in (SOS_HL_1K, SOCIALCD_3K, CP, DR, DREADDIT, LONELINESS, SWMH, T_SID, SAD, CAMS, MULTIWD, IRF)
-}
-C_IMHI_TASKS = tuple(n for n, t in TASKS.items() if t.group == "c_imhi")
-IMHI_TASKS = tuple(n for n, t in TASKS.items() if t.group == "imhi")
-
-
-def get_task(name: str, templates: dict | None = None) -> Task:
-    """Look a task up by name, with optional template overrides (query_template, answer_template, ...)."""
     try:
-        task = TASKS[name]
+        cfg = OmegaConf.merge(OmegaConf.structured(TaskSpec), OmegaConf.create(dict(spec)))
+        data = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"{source or 'task definition'}: {first}") from None
+    parents = {p: tuple(kids) for p, kids in data.pop("parents").items()}
+    labels = tuple(data.pop("labels"))
+    if data["kind"] == "hierarchical" and not labels:
+        # Label set = the parents (a parent may be given without a child) plus every leaf "父类-子类".
+        sep = data["child_sep"]
+        labels = tuple(parents) + tuple(f"{p}{sep}{c}" for p, kids in parents.items() for c in kids)
+    data["aliases"] = {k: tuple(v) for k, v in data["aliases"].items()}
+    for key in ("aspects", "secondary_metrics"):
+        data[key] = tuple(data[key])
+    names = {f.name for f in fields(Task)}
+    return Task(labels=labels, parents=parents, source=source, **{k: v for k, v in data.items() if k in names})
+
+
+def load_task_file(path: str | Path) -> Task:
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"task definition {path} does not exist")
+    try:
+        spec = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as e:  # YAML syntax
+        raise ConfigError(f"{path}: not a readable YAML task definition ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a task definition is a mapping of fields")
+    return task_from_spec(spec, str(path))
+
+
+@lru_cache(maxsize=1)
+def builtin_tasks() -> dict[str, Task]:
+    """Every task file in conf/task, by name (file order: alphabetical)."""
+    tasks = {}
+    for path in sorted(TASK_DIR.glob("*.yaml")):
+        task = load_task_file(path)
+        if task.name != path.stem:
+            raise ConfigError(f"{path}: name {task.name!r} differs from the file name")
+        tasks[task.name] = task
+    return tasks
+
+
+class _BuiltinTasks(Mapping):
+    """`TASKS`: the built-in tasks, read from conf/task on first use."""
+
+    def __getitem__(self, name: str) -> Task:
+        return builtin_tasks()[name]
+
+    def __iter__(self):
+        return iter(builtin_tasks())
+
+    def __len__(self) -> int:
+        return len(builtin_tasks())
+
+
+TASKS: Mapping[str, Task] = _BuiltinTasks()
+
+
+def get_task(name: str, templates: Mapping | None = None, tasks: Mapping[str, Task] | None = None) -> Task:
+    """Look a task up by name (among `tasks`, default the built-ins), with optional template overrides."""
+    registry = TASKS if tasks is None else tasks
+    try:
+        task = registry[name]
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
-    return task.with_templates(**(templates or {}))
+        raise ConfigError(f"unknown task {name!r}; known tasks: {', '.join(registry)}") from None
+    return task.with_templates(**dict(templates or {}))
+
+
+def resolve_tasks(entries: Mapping[str, Mapping | None], templates: Mapping | None = None) -> dict[str, Task]:
+    """The tasks of a data config: each entry of `data.tasks` is a built-in task (by its key) or, with a
+    `definition` (a task file path or an inline mapping), a task of the user's. Templates are applied."""
+    templates = dict(templates or {})
+    unknown = [name for name in templates if name not in entries]
+    if unknown:
+        raise ConfigError(f"data.templates names {unknown}, which are not tasks of this data config")
+    out: dict[str, Task] = {}
+    for key, entry in entries.items():
+        definition = (entry or {}).get("definition")
+        if definition is None:
+            if key not in TASKS:
+                raise ConfigError(
+                    f"data.tasks.{key}: no built-in task is called {key!r} (built-in: "
+                    f"{', '.join(TASKS)}); give data.tasks.{key}.definition=PATH to a task file"
+                )
+            task = TASKS[key]
+        elif isinstance(definition, Mapping):
+            task = task_from_spec(definition, f"data.tasks.{key}.definition")
+        else:
+            task = load_task_file(str(definition))
+        if task.name != key:
+            raise ConfigError(f"data.tasks.{key}: its definition is task {task.name!r}; the key must be the task name")
+        out[key] = task.with_templates(**dict(templates.get(key) or {}))
+    return out

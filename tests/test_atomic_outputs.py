@@ -10,13 +10,14 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, cli_env
+
+from mentalglm.commands.train import replace_dir_atomic
 from mentalglm.errors import ConfigError
-from mentalglm.eval import atomic
-from mentalglm.eval.outputs import write_evaluation
-from mentalglm.eval.partial import PARTIAL, PartialPredictions, read_partial
-from mentalglm.pipeline import replace_dir_atomic
+from mentalglm.fileio import atomic
+from mentalglm.fileio.partial import PARTIAL, PartialPredictions, read_partial
+from mentalglm.reporting.writer import write_evaluation
+from mentalglm.tasks import TASKS
 
 
 class Crash(Exception):
@@ -38,10 +39,21 @@ def test_write_atomic_crash_leaves_the_previous_file(tmp_path, monkeypatch):
 
 
 def test_evaluation_files_survive_a_crash_while_writing_the_next_ones(tmp_path, monkeypatch):
-    rows = [{"task": "sos_hl_1k", "id": "1", "index": 0, "aspect": "", "output": "有自杀倾向", "gold_labels": ["有"],
-             "pred_labels": ["有"], "parsed": True}]
+    rows = [
+        {
+            "task": "sos_hl_1k",
+            "id": "1",
+            "index": 0,
+            "aspect": "",
+            "output": "有自杀倾向",
+            "gold_labels": ["有"],
+            "pred_labels": ["有"],
+            "parsed": True,
+        }
+    ]
     results = {"sos_hl_1k": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "parse_rate": 1.0, "n": 1}}
-    write_evaluation(rows, results, tmp_path)
+    tasks = {"sos_hl_1k": TASKS["sos_hl_1k"]}
+    write_evaluation(rows, results, tmp_path, tasks)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     replaced = []
 
@@ -53,7 +65,7 @@ def test_evaluation_files_survive_a_crash_while_writing_the_next_ones(tmp_path, 
 
     monkeypatch.setattr(atomic.os, "replace", replace_then_crash)
     with pytest.raises(Crash):
-        write_evaluation(rows * 2, {"sos_hl_1k": {**results["sos_hl_1k"], "n": 2}}, tmp_path)
+        write_evaluation(rows * 2, {"sos_hl_1k": {**results["sos_hl_1k"], "n": 2}}, tmp_path, tasks)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert after.keys() == before.keys()
     assert after["metrics.json"] == before["metrics.json"] and after["results.md"] == before["results.md"]
@@ -79,7 +91,7 @@ def test_adapter_directory_is_replaced_whole(tmp_path):
 
 def test_outputs_are_written_only_through_the_atomic_helpers():
     """Run outputs (metrics, predictions, reports, plots, split, registry, sweep summary) never use a plain write."""
-    allowed = {"mentalglm/eval/atomic.py", "mentalglm/fixtures/make_fixtures.py", "mentalglm/models/tiny.py"}
+    allowed = {"mentalglm/fileio/atomic.py", "mentalglm/fixtures/make_fixtures.py", "mentalglm/models/tiny.py"}
     plain = re.compile(r"\.write_text\(|\.write_bytes\(|open\([^)]*['\"][wa]b?['\"]|\.savefig\([^b]|json\.dump\(")
     for path in sorted((ROOT / "mentalglm").rglob("*.py")):
         rel = str(path.relative_to(ROOT))
@@ -107,15 +119,28 @@ def test_partial_predictions_of_other_settings_are_refused(tmp_path):
     assert PartialPredictions(tmp_path, {"split": "test", "shots": 0}).start(resume=False) == []  # fresh: discarded
 
 
-EVALUATE = ["model=tiny_glm", "data=fixtures", "trainer=cpu", "logger=csv", "data.limit_eval=8",
-            "data.eval_batch_size=2", "generation.max_new_tokens=24", "trainer.enable_progress_bar=false"]
+EVALUATE = [
+    "model=tiny_glm",
+    "data=fixtures",
+    "trainer=cpu",
+    "logger=csv",
+    "data.limit_eval=8",
+    "data.eval_batch_size=2",
+    "generation.max_new_tokens=24",
+    "trainer.enable_progress_bar=false",
+]
 
 
 @pytest.mark.slow
 def test_interrupted_evaluate_resumes_from_written_predictions(run_cli, tmp_path, cli_cache):
     env = cli_env(tmp_path / "outputs")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), f"paths.cache_dir={cli_cache}", *EVALUATE],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "evaluate.py"), f"paths.cache_dir={cli_cache}", *EVALUATE],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     pattern = f"evaluate/*/runs/*/{PARTIAL}"
     deadline = time.monotonic() + 600  # a guard against a hung child, not a timing assertion
     try:

@@ -4,7 +4,6 @@ Each case runs train.py (or evaluate.py) in a subprocess on the demo config with
 """
 
 import pytest
-
 from conftest import FAST_DEMO
 
 pytestmark = pytest.mark.slow
@@ -23,12 +22,12 @@ def assert_one_line_error(proc, *needles: str) -> str:
 
 
 def test_unknown_task_name(run_cli):
-    proc = run_cli("train.py", *FAST_DEMO, "variant=s2", "test_tasks=[sos_hl_1k,cognitive_paths]", check=False)
-    assert_one_line_error(proc, "unknown task 'cognitive_paths' in test_tasks", "known tasks: ", "sos_hl_1k")
+    proc = run_cli("train.py", *FAST_DEMO, "variant=s2", "data.select=[sos_hl_1k,cognitive_paths]", check=False)
+    assert_one_line_error(proc, "unknown task 'cognitive_paths' in data.select", "known tasks: ", "sos_hl_1k")
 
 
 def test_task_without_data_files(run_cli):
-    proc = run_cli("train.py", *S2, "~data.tasks.cp", check=False)
+    proc = run_cli("train.py", *S2, "data.tasks.cp.train=null", check=False)
     assert_one_line_error(proc, "task 'cp'", "no data files in data=fixtures", "data.tasks.cp")
 
 
@@ -43,14 +42,20 @@ def test_unknown_variant_name_in_a_sweep_list(run_cli):
 
 
 def test_missing_local_model_path(run_cli, tmp_path):
-    proc = run_cli("train.py", *S2, "model=glm4", f"model.pretrained={tmp_path}/glm-4-9b", "trainer=cpu",
-                   check=False)
+    proc = run_cli("train.py", *S2, "model=glm4", f"model.pretrained={tmp_path}/glm-4-9b", "trainer=cpu", check=False)
     assert_one_line_error(proc, f"model.pretrained={tmp_path}/glm-4-9b is not a model directory")
 
 
 def test_unknown_hub_model_id(run_cli):
-    proc = run_cli("train.py", *S2, "model=glm4", "model.pretrained=no-such-org/no-such-model", "trainer=cpu",
-                   check=False, env={"HF_HUB_OFFLINE": "1"})
+    proc = run_cli(
+        "train.py",
+        *S2,
+        "model=glm4",
+        "model.pretrained=no-such-org/no-such-model",
+        "trainer=cpu",
+        check=False,
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     assert_one_line_error(proc, "cannot load model.pretrained=no-such-org/no-such-model", "Hugging Face id")
 
 
@@ -61,9 +66,10 @@ def test_missing_data_file(run_cli, tmp_path):
 
 
 def test_init_adapter_that_is_not_an_adapter(run_cli, tmp_path):
-    proc = run_cli("train.py", *FAST_DEMO, "~variant", "stage=two", f"init_adapter={tmp_path}", "test=false",
-                   check=False)
-    assert_one_line_error(proc, f"init_adapter={tmp_path} is not a LoRA adapter directory")
+    proc = run_cli(
+        "train.py", *FAST_DEMO, "~variant", "stage=two", f"stages.two.init={tmp_path}", "test=false", check=False
+    )
+    assert_one_line_error(proc, f"stages.two.init={tmp_path} is not a LoRA adapter directory")
     # (stage two with no stage-one adapter at all: test_e2e_train.py::test_stage_two_without_stage_one_is_a_clear_error)
 
 
@@ -89,11 +95,11 @@ def test_gpu_accelerator_without_gpu(run_cli):
 
 def test_lora_target_matching_no_module(run_cli):
     proc = run_cli("train.py", *S2, "lora.target_modules=[q_proj,query_key_value]", check=False)
-    assert_one_line_error(proc, "lora.target_modules ['query_key_value'] match no linear module",
-                          "q_proj", "down_proj")
+    assert_one_line_error(proc, "lora.target_modules ['query_key_value'] match no linear module", "q_proj", "down_proj")
 
 
 def test_evaluate_unknown_task_name(run_cli):
-    proc = run_cli("evaluate.py", "model=tiny_glm", "data=fixtures", "trainer=cpu", "tasks=[sos_hl_1k,sos]",
-                   check=False)
-    assert_one_line_error(proc, "unknown task 'sos' in tasks")
+    proc = run_cli(
+        "evaluate.py", "model=tiny_glm", "data=fixtures", "trainer=cpu", "data.select=[sos_hl_1k,sos]", check=False
+    )
+    assert_one_line_error(proc, "unknown task 'sos' in data.select")

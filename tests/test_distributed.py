@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, cli_env
+
 from mentalglm.data.sampler import LengthGroupedBatchSampler
-from mentalglm.distributed import missing_strategy_package, shard_eval_batches, shard_train_batches
+from mentalglm.runtime.distributed import missing_strategy_package, shard_eval_batches, shard_train_batches
 
 TRAINERS = ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"]
 
@@ -69,8 +69,8 @@ def test_sampler_refuses_lightnings_distributed_sampler_injection():
 def test_empty_generation_batch_collates():
     from mentalglm.data.collate import GenerationCollator
 
-    batch = GenerationCollator(pad_id=0)([])
-    assert batch["input_ids"].shape == (0, 0) and batch["task"] == [] and batch["index"] == []
+    batch = GenerationCollator()([])
+    assert batch["prompts"] == [] and batch["task"] == [] and batch["index"] == []
 
 
 # ----------------------------------------------------------------------------- FSDP2 generation
@@ -81,8 +81,8 @@ def _fsdp_generation_worker(rank: int, checkpoint: str, port: int, results) -> N
     from torch.distributed.fsdp._fully_shard import _fsdp_param_group
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mentalglm.distributed import gathered_for_generation, shard_model
-    from mentalglm.eval.generation import generate
+    from mentalglm.runtime.distributed import gathered_for_generation, shard_model
+    from mentalglm.runtime.generation import generate
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -95,7 +95,7 @@ def _fsdp_generation_worker(rank: int, checkpoint: str, port: int, results) -> N
     _fsdp_param_group.foreach_all_gather = lambda *a, **k: gathers.append(1) or original(*a, **k)
     counts, same = [], True
     # Rank 0 generates 3 then 12 tokens, rank 1 2 then 5: unequal forwards per rank must not hang.
-    for n in ((3, 12) if rank == 0 else (2, 5)):
+    for n in (3, 12) if rank == 0 else (2, 5):
         before = len(gathers)
         with gathered_for_generation(model):
             out = generate(model, tok, prompts, max_new_tokens=n)
@@ -161,20 +161,21 @@ def test_ddp_and_fsdp_trainers_instantiate_on_cpu(trainer, strategy):
 def test_deepspeed_without_the_package_is_a_clear_config_error(trainer):
     import importlib.util
 
-    from mentalglm.errors import ConfigError
-    from mentalglm.pipeline import check_strategy
     from test_config import compose_train
+
+    from mentalglm.errors import ConfigError
+    from mentalglm.runtime.builders import build_trainer
 
     cfg = compose_train([f"trainer={trainer}"])
     if importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("deepspeed is installed here")
     assert "pip install deepspeed" in missing_strategy_package(cfg.trainer)
     with pytest.raises(ConfigError, match="pip install deepspeed"):
-        check_strategy(cfg)
+        build_trainer(cfg, [], [])
 
 
 def test_non_fsdp_checkpoint_cannot_resume_under_fsdp(tmp_path):
-    from mentalglm.distributed import resume_strategy_problem
+    from mentalglm.runtime.distributed import resume_strategy_problem
 
     fsdp = {"strategy": {"_target_": "lightning.pytorch.strategies.ModelParallelStrategy"}}
     ddp = {"strategy": {"_target_": "lightning.pytorch.strategies.DDPStrategy"}}
@@ -183,7 +184,7 @@ def test_non_fsdp_checkpoint_cannot_resume_under_fsdp(tmp_path):
         torch.save({"state_dict": {}, "mentalglm": {"fsdp": saved_by_fsdp}}, path)
         assert (resume_strategy_problem(fsdp, str(path)) is None) is saved_by_fsdp
         assert resume_strategy_problem(ddp, str(path)) is None  # any checkpoint resumes in one process or DDP
-    assert "init_adapter=" in resume_strategy_problem(fsdp, str(tmp_path / "fsdp_False.ckpt"))
+    assert "stages.<stage>.init=" in resume_strategy_problem(fsdp, str(tmp_path / "fsdp_False.ckpt"))
     assert resume_strategy_problem(fsdp, None) is None
 
 
@@ -191,11 +192,29 @@ def test_non_fsdp_checkpoint_cannot_resume_under_fsdp(tmp_path):
 # Stage two only, a few training batches (enough for non-trivial answers), small evaluation batches so
 # 18 items make 5 batches (ranks get 3 and 2 + an empty one); validation decodes exactly like the test
 # (no stop strings) so evaluate.py split=val reproduces the validation numbers.
-TRAIN = ["experiment=demo", "variant=s2", "stages.two.max_epochs=1", "optimizer.lr=1e-2", "data.limit_eval=6", "data.eval_batch_size=4", "generation.max_new_tokens=24",
-         "generation.val_max_new_tokens=24", "generation.val_stop_strings=[]", "callbacks.progress_bar=null",
-         "trainer.enable_progress_bar=false"]
-EVAL = ["model=tiny_glm", "data=fixtures", "trainer=cpu", "data.limit_eval=6", "data.eval_batch_size=4",
-        "generation.max_new_tokens=24", "trainer.enable_progress_bar=false"]
+TRAIN = [
+    "experiment=demo",
+    "variant=s2",
+    "stages.two.max_epochs=1",
+    "optimizer.lr=1e-2",
+    "data.limit_eval=6",
+    "data.eval_batch_size=4",
+    "generation.max_new_tokens=24",
+    "generation.val_max_new_tokens=24",
+    "generation.val_stop_strings=[]",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+]
+EVAL = [
+    "model=tiny_glm",
+    "data=fixtures",
+    "data.select=[sos_hl_1k,socialcd_3k,cp]",
+    "trainer=cpu",
+    "data.limit_eval=6",
+    "data.eval_batch_size=4",
+    "generation.max_new_tokens=24",
+    "trainer.enable_progress_bar=false",
+]
 TWO_CPU = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 
 
@@ -274,11 +293,21 @@ def test_data_parallel_evaluate_equals_one_process(ddp_run, cli_cache, tmp_path,
     out, run_dir = ddp_run
     adapter = json.loads((run_dir / "summary.json").read_text())["best_adapter"]
     dist_out = tmp_path / trainer
-    run(out, cli_cache, "evaluate.py", *EVAL, f"adapter={adapter}", f"output_dir={dist_out}", f"trainer={trainer}",
-        *TWO_CPU)
+    run(
+        out,
+        cli_cache,
+        "evaluate.py",
+        *EVAL,
+        f"adapter={adapter}",
+        f"output_dir={dist_out}",
+        f"trainer={trainer}",
+        *TWO_CPU,
+    )
     # The training run's test == one process (test above): so equal to it == equal to one process.
     assert (dist_out / "predictions.jsonl").read_text() == (run_dir / "test" / "predictions.jsonl").read_text()
-    assert json.loads((dist_out / "metrics.json").read_text()) == json.loads((run_dir / "test" / "metrics.json").read_text())
+    assert json.loads((dist_out / "metrics.json").read_text()) == json.loads(
+        (run_dir / "test" / "metrics.json").read_text()
+    )
     assert not list(dist_out.glob("predictions.partial*"))  # progress file removed once, after the final write
 
 
@@ -287,7 +316,7 @@ def test_fsdp_training_keeps_adapter_only_checkpoints_loadable_in_one_process(cl
     from test_config import compose_train
 
     from mentalglm.models.loading import load_tokenizer
-    from mentalglm.pipeline import build_module
+    from mentalglm.runtime.builders import build_module, build_tasks
 
     out = tmp_path / "fsdp"
     run(out, cli_cache, "train.py", *TRAIN, "+trainer.limit_train_batches=4", "trainer=fsdp", *TWO_CPU)
@@ -303,7 +332,13 @@ def test_fsdp_training_keeps_adapter_only_checkpoints_loadable_in_one_process(cl
 
     # A single-process module of the same config takes every tensor (no missing adapter weight, no extra key).
     cfg = compose_train(["experiment=demo", "variant=s2", f"paths.cache_dir={cli_cache}"])
-    module = build_module(cfg, load_tokenizer(cfg.model, cfg.paths.cache_dir), list(cfg.stages.two.tasks), None)
+    tasks = build_tasks(cfg)
+    module = build_module(
+        cfg,
+        load_tokenizer(cfg.model, cfg.paths.cache_dir),
+        {t: tasks[t] for t in ("sos_hl_1k", "socialcd_3k", "cp")},
+        None,
+    )
     module.configure_model()
     lora_keys = {f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad}
     assert set(state) == lora_keys

@@ -4,16 +4,22 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import FAST_DEMO
+
 from mentalglm.fixtures import make_fixtures  # noqa: F401  (the fixtures package must be importable)
 
 pytestmark = pytest.mark.slow
 
 FIXTURES = Path(__file__).resolve().parents[1] / "mentalglm" / "fixtures"
 SCORE_FIXTURE = Path(__file__).parent / "fixtures" / "predictions_small.jsonl"
-EVAL = ["model=tiny_glm", "data=fixtures", "trainer=cpu", "data.limit_eval=6", "generation.max_new_tokens=24",
-        "trainer.enable_progress_bar=false"]
+EVAL = [
+    "model=tiny_glm",
+    "data=fixtures",
+    "trainer=cpu",
+    "data.limit_eval=6",
+    "generation.max_new_tokens=24",
+    "trainer.enable_progress_bar=false",
+]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -46,7 +52,7 @@ def test_trained_adapter_and_run_dir_give_the_train_run_numbers(run_cli, tmp_pat
     assert not any(post in (out_a / "predictions.jsonl").read_text(encoding="utf-8") for post in fixture_posts())
 
     out_c = tmp_path / "eval_inputs"
-    run_cli("evaluate.py", *EVAL, f"adapter={adapter}", f"output_dir={out_c}", "save_inputs=true", "tasks=[cp]")
+    run_cli("evaluate.py", *EVAL, f"adapter={adapter}", f"output_dir={out_c}", "save_inputs=true", "data.select=[cp]")
     rows = read_jsonl(out_c / "predictions.jsonl")
     assert {r["task"] for r in rows} == {"cp"} and all(r["query"] for r in rows)
 
@@ -61,7 +67,7 @@ def test_score_only_cli(run_cli, tmp_path):
 
 def test_few_shot_baseline_without_adapter(run_cli, tmp_path):
     out = tmp_path / "fewshot"
-    run_cli("evaluate.py", *EVAL, "shots=2", "tasks=[sos_hl_1k]", f"output_dir={out}", "save_inputs=true")
+    run_cli("evaluate.py", *EVAL, "shots=2", "data.select=[sos_hl_1k]", f"output_dir={out}", "save_inputs=true")
     rows = read_jsonl(out / "predictions.jsonl")
     assert len(rows) == 6 and {r["task"] for r in rows} == {"sos_hl_1k"}
     # Two solved examples from the train split precede the question.
@@ -72,10 +78,11 @@ def test_few_shot_baseline_without_adapter(run_cli, tmp_path):
 def test_extra_dataset_with_same_schema(run_cli, tmp_path):
     """A new CP-format file (e.g. a clinical set) evaluates by pointing the config at it."""
     clinical = tmp_path / "clinical_cp.txt"
-    clinical.write_text("".join((FIXTURES / "cp" / "test.txt").read_text(encoding="utf-8").splitlines(True)[:5]),
-                        encoding="utf-8")
+    clinical.write_text(
+        "".join((FIXTURES / "cp" / "test.txt").read_text(encoding="utf-8").splitlines(True)[:5]), encoding="utf-8"
+    )
     out = tmp_path / "clinical"
-    run_cli("evaluate.py", *EVAL, "tasks=[cp]", f"data.tasks.cp.test={clinical}", f"output_dir={out}")
+    run_cli("evaluate.py", *EVAL, "data.select=[cp]", f"data.tasks.cp.test={clinical}", f"output_dir={out}")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["cp_parent"]["n"] == 5 and metrics["cp_child"]["n"] == 5
 

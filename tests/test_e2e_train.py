@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAST_DEMO
 
 pytestmark = pytest.mark.slow
@@ -76,8 +75,10 @@ def test_exported_adapter_reproduces_trained_logits(run_cli, tmp_path):
 
     exported = PeftModel.from_pretrained(_base_model(adapter), str(adapter)).eval()
     cfg = json.loads((adapter / "adapter_config.json").read_text())
-    rebuilt = get_peft_model(_base_model(adapter), LoraConfig(
-        r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"], lora_dropout=0.0))
+    rebuilt = get_peft_model(
+        _base_model(adapter),
+        LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"], lora_dropout=0.0),
+    )
     state = torch.load(stage["best_checkpoint"], map_location="cpu", weights_only=True)["state_dict"]
     missing = rebuilt.load_state_dict({k.removeprefix("model."): v for k, v in state.items()}, strict=False)
     assert not missing.unexpected_keys
@@ -93,11 +94,13 @@ def test_s1_registers_stage_one_and_stage_two_picks_it_up(run_cli, tmp_path):
     run_cli("train.py", *FAST_DEMO, "variant=s1", "test=false")
     (s1,) = run_dirs(tmp_path)
     stage_one_adapter = summary_of(s1)["stages"]["one"]["best_adapter"]
-    registry = tmp_path / "outputs" / "registry" / "tiny_glm" / "seed42" / "stage_one.json"
-    assert json.loads(registry.read_text())["adapter"] == str(Path(stage_one_adapter).resolve())
+    (registry,) = (tmp_path / "outputs" / "registry" / "tiny_glm" / "seed42" / "stage_one").glob("*.json")
+    entry = json.loads(registry.read_text())
+    assert entry["adapter"] == str(Path(stage_one_adapter).resolve())
+    assert entry["identity"]["experiment"] == "demo" and entry["identity"]["lora"]["r"] == 16
 
     # A plain `stage=two` run (no variant) continues the registered stage-one adapter of the same model+seed.
-    run_cli("train.py", *FAST_DEMO, "~variant", "stage=two", "stage.max_epochs=1", "test=false")
+    run_cli("train.py", *FAST_DEMO, "~variant", "stage=two", "stages.two.max_epochs=1", "test=false")
     two = [r for r in run_dirs(tmp_path) if r != s1]
     assert len(two) == 1
     assert summary_of(two[0])["stages"]["two"]["init_adapter"] == str(Path(stage_one_adapter).resolve())
@@ -120,8 +123,16 @@ def test_stage_two_without_stage_one_is_a_clear_error(run_cli, tmp_path):
 
 def test_merge_init_adapter_starts_a_fresh_adapter(run_cli, tmp_path):
     run_cli("train.py", *FAST_DEMO, "variant=s1", "test=false")
-    run_cli("train.py", *FAST_DEMO, "~variant", "stage=two", "stage.max_epochs=1", "test=false",
-            "merge_init_adapter=true", "data.limit_eval=4")
+    run_cli(
+        "train.py",
+        *FAST_DEMO,
+        "~variant",
+        "stage=two",
+        "stages.two.max_epochs=1",
+        "test=false",
+        "stages.two.merge_init=true",
+        "data.limit_eval=4",
+    )
     runs = run_dirs(tmp_path)
     two = summary_of(runs[-1])["stages"]["two"]
     log = (runs[-1] / "train.log").read_text()

@@ -3,12 +3,16 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from mentalglm.data.render import render_prompt
-from mentalglm.eval.generation import StopOnStrings, cut_at_stop_strings, generate, stop_token_ids
+from mentalglm.runtime.generation import StopOnStrings, cut_at_stop_strings, generate, stop_token_ids
 
-QUERIES = ["你好", "考虑以下帖子：\"我最近压力很大，每天晚上都睡不着。\" 问题：这个帖子的发布者的自杀风险是高还是低？",
-           "Consider this post: \"I feel lonely.\" Question: Does the poster suffer from loneliness?",
-           "我很累", "Consider this post: \"My boss keeps yelling at me and I can't sleep.\" Question: What is the stress "
-           "cause of this post?"]
+QUERIES = [
+    "你好",
+    '考虑以下帖子："我最近压力很大，每天晚上都睡不着。" 问题：这个帖子的发布者的自杀风险是高还是低？',
+    'Consider this post: "I feel lonely." Question: Does the poster suffer from loneliness?',
+    "我很累",
+    'Consider this post: "My boss keeps yelling at me and I can\'t sleep." Question: What is the stress '
+    "cause of this post?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +29,10 @@ def test_batched_greedy_equals_unbatched(tiny_model, tiny_hf_tokenizer, prompts,
     assert len({len(p) for p in prompts}) == len(prompts)  # different lengths: real left padding
     assert any(unbatched)
     assert generate(tiny_model, tiny_hf_tokenizer, prompts, batch_size=3, max_new_tokens=12) == unbatched
-    assert generate(tiny_model, tiny_hf_tokenizer, prompts, batch_size=16, max_new_tokens=12,
-                    sort_by_length=False) == unbatched
+    assert (
+        generate(tiny_model, tiny_hf_tokenizer, prompts, batch_size=16, max_new_tokens=12, sort_by_length=False)
+        == unbatched
+    )
 
 
 def test_stop_strings_cut_generation(tiny_model, tiny_hf_tokenizer, prompts, unbatched, monkeypatch):
@@ -51,14 +57,20 @@ def test_stop_strings_cut_generation(tiny_model, tiny_hf_tokenizer, prompts, unb
 
 def test_stopping_criterion_is_per_row(tiny_hf_tokenizer):
     tok = tiny_hf_tokenizer
-    rows = [tok("ab推理：x", add_special_tokens=False)["input_ids"], tok("abcdefgh", add_special_tokens=False)["input_ids"]]
+    rows = [
+        tok("ab推理：x", add_special_tokens=False)["input_ids"],
+        tok("abcdefgh", add_special_tokens=False)["input_ids"],
+    ]
     width = max(map(len, rows))
     ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
     done = StopOnStrings(tok, ["推理", "Reasoning:"], prompt_width=1)(ids, None)
     assert done.dtype == torch.bool and done.tolist() == [True, False]
     # Text inside the prompt does not count.
     assert StopOnStrings(tok, ["推理"], prompt_width=ids.shape[1])(ids, None).tolist() == [False, False]
-    assert cut_at_stop_strings("该帖子的发布者有高自杀风险。推理：因为", ["推理", "Reasoning:"]) == "该帖子的发布者有高自杀风险。"
+    assert (
+        cut_at_stop_strings("该帖子的发布者有高自杀风险。推理：因为", ["推理", "Reasoning:"])
+        == "该帖子的发布者有高自杀风险。"
+    )
 
 
 def test_stop_ids_by_name(tiny_hf_tokenizer):

@@ -7,17 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from mentalglm.eval.parsing import parse_labels
+from mentalglm.scoring.parsing import parse_labels
 from mentalglm.tasks import TASKS
 
 pytestmark = pytest.mark.real_data
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MENTALGLM_SHARED_DATA") or REPO.parent / "shared" / "data")
+DATA = Path(os.environ.get("MENTALGLM_DATA") or REPO.parent / "shared" / "data")
 IMHI = DATA / "imhi"
 # Folder / file stem in the IMHI release -> task name.
-TASK_OF = {"DR": "dr", "dreaddit": "dreaddit", "SAD": "sad", "Irf": "irf", "MultiWD": "multiwd", "CAMS": "cams",
-           "swmh": "swmh", "t-sid": "t_sid", "loneliness": "loneliness"}
+TASK_OF = {
+    "DR": "dr",
+    "dreaddit": "dreaddit",
+    "SAD": "sad",
+    "Irf": "irf",
+    "MultiWD": "multiwd",
+    "CAMS": "cams",
+    "swmh": "swmh",
+    "t-sid": "t_sid",
+    "loneliness": "loneliness",
+}
 
 
 def gold_files() -> list[tuple[str, Path]]:
@@ -30,7 +39,9 @@ if not IMHI.is_dir():
     pytest.skip(f"shared data not found at {DATA}", allow_module_level=True)
 
 
-@pytest.mark.parametrize("dataset, path", gold_files(), ids=lambda x: x if isinstance(x, str) else f"{x.parent.name}/{x.name}")
+@pytest.mark.parametrize(
+    "dataset, path", gold_files(), ids=lambda x: x if isinstance(x, str) else f"{x.parent.name}/{x.name}"
+)
 def test_gold_answers_parse_to_their_label(dataset, path):
     task = TASKS[TASK_OF[dataset]]
     # The label a gold answer states, read off the exact label sentence (independent of the parser).

@@ -106,3 +106,26 @@ def test_load_report_summary():
     summary = report.summary()
     assert "skipped 3" in summary and "x.tsv: empty post" in summary and "line 3" in summary
     assert "y.csv: malformed line" in summary
+
+
+def test_mixed_gbk_and_utf8_lines_are_refused_not_turned_into_mojibake(tmp_path):
+    data = ("0\t1\t半夜睡不着\n1\t0\t压力很大\n".encode("gbk") + "1\t0\t一个人想结束生命\n".encode("utf-8")
+            + "0\t1\t心情低落\n".encode("gbk"))
+    path = write(tmp_path, data, "mixed.tsv")
+    with pytest.raises(DataError, match="mixed encodings") as e:
+        read_text(path)
+    assert e.value.line == 3 and "line 1 is gb18030" in str(e.value)
+    report = LoadReport()
+    text = read_text(path, on_error="skip", report=report)  # skip mode: the minority line is counted, not kept
+    assert text.split("\n")[:4] == ["0\t1\t半夜睡不着", "1\t0\t压力很大", "", "0\t1\t心情低落"]
+    assert report.total_skipped == 1
+
+
+def test_utf16_with_bom_is_read(tmp_path):
+    text = "id\tlabel\tcomment\r\n1\t0\t好累\r\n"
+    assert read_text(write(tmp_path, text.encode("utf-16"))) == text.replace("\r\n", "\n")
+
+
+def test_newlines_kept_as_written_for_the_loaders(tmp_path):
+    raw = 'query,answer\r\n"line one\r\nline two",x\r\n'
+    assert read_text(write(tmp_path, raw.encode()), newlines=False) == raw

@@ -10,7 +10,7 @@ from mentalglm.data.paths import FIXTURES_DIR
 from mentalglm.tasks import RECORD_FIELDS, TASKS, get_task
 
 F = FIXTURES_DIR
-IMHI = [n for n, t in TASKS.items() if t.group == "imhi"]
+IMHI = [n for n, t in TASKS.items() if t.format == "imhi_instruction"]
 LABELS = "\t".join(TASKS["socialcd_3k"].labels)
 
 
@@ -54,16 +54,21 @@ def check_records(records):
 # ----------------------------------------------------------------------------- fixtures, every format
 
 
-@pytest.mark.parametrize("rel,fmt,n", [
-    ("sos_hl_1k/suicide_train_LLM.csv", "sos_llm", 80),
-    ("sos_hl_1k/suicide_val_LLM.csv", "sos_llm", 30),
-    ("sos_hl_1k/suicide_train_BERT.tsv", "sos_bert", 80),
-    ("socialcd_3k/train_data_with_header.tsv", "socialcd", 240),
-    ("socialcd_3k/test_data_with_header.tsv", "socialcd", 40),
-    ("cp/train.txt", "cp", 200), ("cp/val.txt", "cp", 30), ("cp/test.txt", "cp", 30),
-    ("instructions/c_imhi_alpaca.json", "alpaca", 10),
-    ("instructions/c_imhi_chat.jsonl", "chat", 10),
-])
+@pytest.mark.parametrize(
+    "rel,fmt,n",
+    [
+        ("sos_hl_1k/suicide_train_LLM.csv", "sos_llm", 80),
+        ("sos_hl_1k/suicide_val_LLM.csv", "sos_llm", 30),
+        ("sos_hl_1k/suicide_train_BERT.tsv", "sos_bert", 80),
+        ("socialcd_3k/train_data_with_header.tsv", "socialcd", 240),
+        ("socialcd_3k/test_data_with_header.tsv", "socialcd", 40),
+        ("cp/train.txt", "cp", 200),
+        ("cp/val.txt", "cp", 30),
+        ("cp/test.txt", "cp", 30),
+        ("instructions/c_imhi_alpaca.json", "alpaca", 10),
+        ("instructions/c_imhi_chat.jsonl", "chat", 10),
+    ],
+)
 def test_fixture_raw_and_instruction_files(rel, fmt, n):
     records = load_records(None, F / rel)
     assert len(records) == n
@@ -79,7 +84,7 @@ def test_fixture_imhi_instruction(task):
         assert len(records) == n and {r["task"] for r in records} == {task}
         check_records(records)
         for r in records:
-            post = r["query"][r["post_start"]:r["post_end"]]
+            post = r["query"][r["post_start"] : r["post_end"]]
             assert t.format_query(post, r["aspect"]) == (r["query"], r["post_start"], r["post_end"])
             assert r["answer"].startswith(t.label_sentences[r["labels"][0]] + " Reasoning: ")
     if t.aspects:
@@ -106,16 +111,22 @@ def test_fixture_complete_form_equals_instruction_form():
 def test_sos_record_shape():
     r = load_records("sos_hl_1k", F / "sos_hl_1k/suicide_train_LLM.csv")[0]
     t = TASKS["sos_hl_1k"]
-    post = r["query"][r["post_start"]:r["post_end"]]
+    post = r["query"][r["post_start"] : r["post_end"]]
     assert r["id"] == "1" and r["aspect"] == ""
     assert (r["query"], r["post_start"], r["post_end"]) == t.format_query(post)
     assert r["answer"] == t.format_answer(r["labels"])
 
 
 def test_detect_format():
-    expected = {"suicide_train_LLM.csv": "sos_llm", "suicide_train_BERT.tsv": "sos_bert", "train.txt": "cp",
-                "train_data_with_header.tsv": "socialcd", "c_imhi_alpaca.json": "alpaca",
-                "c_imhi_chat.jsonl": "chat", "sad_val.csv": "imhi_complete"}
+    expected = {
+        "suicide_train_LLM.csv": "sos_llm",
+        "suicide_train_BERT.tsv": "sos_bert",
+        "train.txt": "cp",
+        "train_data_with_header.tsv": "socialcd",
+        "c_imhi_alpaca.json": "alpaca",
+        "c_imhi_chat.jsonl": "chat",
+        "sad_val.csv": "imhi_complete",
+    }
     for path in F.rglob("*"):
         if path.name in expected:
             assert detect_format(path, path.read_bytes().decode("utf-8", "replace")) == expected[path.name]
@@ -131,8 +142,16 @@ def test_unknown_format_and_missing_task(tmp_path):
         load_records("sos_hl_1k", F / "imhi/dr/train.csv")
     with pytest.raises(ValueError, match="labels"):
         load_records("dr", F / "sos_hl_1k/suicide_train_LLM.csv")
-    assert set(FORMATS) == {"sos_llm", "sos_bert", "socialcd", "cp", "imhi_instruction", "imhi_complete",
-                            "alpaca", "chat"}
+    assert set(FORMATS) == {
+        "sos_llm",
+        "sos_bert",
+        "socialcd",
+        "cp",
+        "imhi_instruction",
+        "imhi_complete",
+        "alpaca",
+        "chat",
+    }
 
 
 def test_missing_path_is_not_sent_to_the_hub(tmp_path):
@@ -156,7 +175,7 @@ SOS_HEAD = "id\tlabel\tcomment\r\n"
 def test_sos_llm_quoted_field_and_blank_lines(tmp_path):
     path = write(tmp_path, "q.csv", SOS_HEAD + '1\t1\t"他说""再见""，想死"\r\n\r\n2\t0\t好累\r\n')
     records = load_records(None, path)
-    assert [r["query"][r["post_start"]:r["post_end"]] for r in records] == ['他说"再见"，想死', "好累"]
+    assert [r["query"][r["post_start"] : r["post_end"]] for r in records] == ['他说"再见"，想死', "好累"]
     assert [r["labels"] for r in records] == [["高自杀风险"], ["低自杀风险"]]
 
 
@@ -183,8 +202,7 @@ def test_sos_llm_duplicate_id(tmp_path):
 
 def test_sos_llm_unbalanced_quote(tmp_path):
     # The quote would swallow the following lines into one post; caught as a malformed line.
-    bad(tmp_path, "quote.csv", SOS_HEAD + '1\t0\t"好累\r\n2\t1\t想死\r\n3\t0\t失眠\r\n', 2, "columns",
-        "malformed line")
+    bad(tmp_path, "quote.csv", SOS_HEAD + '1\t0\t"好累\r\n2\t1\t想死\r\n3\t0\t失眠\r\n', 2, "columns", "malformed line")
 
 
 def test_sos_llm_undecodable_bytes_name_the_column(tmp_path):
@@ -238,7 +256,7 @@ def test_socialcd_labels_and_ids(tmp_path):
     (r,) = load_records(None, path)
     assert r["labels"] == ["非此即彼", "罪责归他"] and r["id"] == "1"
     assert r["answer"] == "该帖子体现的认知歪曲：非此即彼、罪责归他。"
-    assert r["query"][r["post_start"]:r["post_end"]] == "全角，标点！"
+    assert r["query"][r["post_start"] : r["post_end"]] == "全角，标点！"
 
 
 def test_socialcd_unknown_label_column(tmp_path):
@@ -259,8 +277,14 @@ def test_socialcd_missing_post_column(tmp_path):
 
 
 def test_socialcd_value_not_binary(tmp_path):
-    bad(tmp_path, "v.tsv", f"{LABELS}\t内容\n" + "0\t" * 12 + "好\n" + "0\t2\t" + "0\t" * 10 + "坏\n",
-        3, "以偏概全", "not 0/1")
+    bad(
+        tmp_path,
+        "v.tsv",
+        f"{LABELS}\t内容\n" + "0\t" * 12 + "好\n" + "0\t2\t" + "0\t" * 10 + "坏\n",
+        3,
+        "以偏概全",
+        "not 0/1",
+    )
 
 
 def test_socialcd_empty_post_and_columns(tmp_path):
@@ -272,8 +296,10 @@ def test_socialcd_empty_post_and_columns(tmp_path):
 
 
 def test_cp_leaves_and_lone_parents(tmp_path):
-    text = ("考试没考好，我是废物\t认知歪曲,认知歪曲##放大和缩小,情绪反应,情绪反应##行为效应,驳斥\n"
-            "全是我的错\t认知歪曲，认知歪曲##罪责归己/他\n")
+    text = (
+        "考试没考好，我是废物\t认知歪曲,认知歪曲##放大和缩小,情绪反应,情绪反应##行为效应,驳斥\n"
+        "全是我的错\t认知歪曲，认知歪曲##罪责归己/他\n"
+    )
     r1, r2 = load_records(None, write(tmp_path, "cp.txt", text))
     assert r1["labels"] == ["驳斥", "认知歪曲-放大和缩小", "情绪反应-行为效应"]
     assert r2["labels"] == ["认知歪曲-罪责归己/他"]
@@ -307,7 +333,7 @@ def test_imhi_post_ends_at_last_question_marker(tmp_path):
     post = 'he said "hi" Question: why? and left'
     path = write(tmp_path, "dr.csv", imhi_csv([[q(post), YES]]))
     (r,) = load_records("dr", path)
-    assert r["query"][r["post_start"]:r["post_end"]] == post and r["answer"] == YES and r["labels"] == ["yes"]
+    assert r["query"][r["post_start"] : r["post_end"]] == post and r["answer"] == YES and r["labels"] == ["yes"]
 
 
 def test_imhi_multiline_post_line_numbers(tmp_path):
@@ -317,21 +343,37 @@ def test_imhi_multiline_post_line_numbers(tmp_path):
 
 
 def test_imhi_aspect_from_question(tmp_path):
-    rows = [[q("x y", "Does the post show risk of perceived burdensomeness?"),
-             "No, the post does not show this risk. Reasoning: none."]]
+    rows = [
+        [
+            q("x y", "Does the post show risk of perceived burdensomeness?"),
+            "No, the post does not show this risk. Reasoning: none.",
+        ]
+    ]
     (r,) = load_records("irf", write(tmp_path, "irf.csv", imhi_csv(rows)))
     assert r["aspect"] == "perceived burdensomeness" and r["labels"] == ["no"]
 
 
 def test_imhi_unknown_aspect(tmp_path):
-    rows = [[q("x y", "Does the financial wellness dimension exist in the post?"),
-             "Yes, this wellness dimension exists in the post. Reasoning: r."]]
+    rows = [
+        [
+            q("x y", "Does the financial wellness dimension exist in the post?"),
+            "Yes, this wellness dimension exists in the post. Reasoning: r.",
+        ]
+    ]
     bad(tmp_path, "a.csv", imhi_csv(rows), 2, "query", "unknown aspect", task="multiwd")
 
 
 def test_imhi_missing_column_and_empty_post(tmp_path):
-    bad(tmp_path, "h.csv", imhi_csv([[q("x"), YES]], header=("query", "answer")), 1, "gpt-3.5-turbo",
-        "missing column", task="dr", fmt="imhi_instruction")
+    bad(
+        tmp_path,
+        "h.csv",
+        imhi_csv([[q("x"), YES]], header=("query", "answer")),
+        1,
+        "gpt-3.5-turbo",
+        "missing column",
+        task="dr",
+        fmt="imhi_instruction",
+    )
     bad(tmp_path, "p.csv", imhi_csv([[q(" "), YES]]), 2, "query", "empty post", task="dr")
 
 
@@ -340,9 +382,14 @@ def test_imhi_missing_column_and_empty_post(tmp_path):
 
 def test_imhi_complete_with_index_column_and_aspect(tmp_path):
     header = ("", "post", "question", "response")
-    rows = [["0", "Post: I pray a lot.",
-             ' Question: The answer to the question "Does the spiritual wellness dimension exists in the post?" is ',
-             " yes. Reasoning: prayer."]]
+    rows = [
+        [
+            "0",
+            "Post: I pray a lot.",
+            ' Question: The answer to the question "Does the spiritual wellness dimension exists in the post?" is ',
+            " yes. Reasoning: prayer.",
+        ]
+    ]
     (r,) = load_records("multiwd", write(tmp_path, "mw.csv", imhi_csv(rows, header)))
     t = TASKS["multiwd"]
     assert r["aspect"] == "spiritual" and r["labels"] == ["yes"] and r["id"] == "1"
@@ -351,8 +398,10 @@ def test_imhi_complete_with_index_column_and_aspect(tmp_path):
 
 
 def test_imhi_complete_unreadable_response(tmp_path):
-    rows = [["Post: a", " Question: This post shows the stress cause of ", "work. Reasoning: r"],
-            ["Post: b", " Question: This post shows the stress cause of ", "dunno. Reasoning: r"]]
+    rows = [
+        ["Post: a", " Question: This post shows the stress cause of ", "work. Reasoning: r"],
+        ["Post: b", " Question: This post shows the stress cause of ", "dunno. Reasoning: r"],
+    ]
     bad(tmp_path, "sad.csv", imhi_csv(rows, ("post", "question", "response")), 3, "response", task="sad")
 
 
@@ -370,7 +419,7 @@ SOS = TASKS["sos_hl_1k"]
 def test_alpaca_input_span_default_id_and_task_argument(tmp_path):
     rows = [{"instruction": "判断风险。", "input": "想死", "output": "该帖子的发布者有高自杀风险。"}]
     (r,) = load_records("sos_hl_1k", write(tmp_path, "a.jsonl", "\n".join(json.dumps(x) for x in rows)))
-    assert r["query"] == "判断风险。\n想死" and r["query"][r["post_start"]:r["post_end"]] == "想死"
+    assert r["query"] == "判断风险。\n想死" and r["query"][r["post_start"] : r["post_end"]] == "想死"
     assert r["id"] == "1" and r["labels"] == ["高自杀风险"]
 
 
@@ -384,18 +433,32 @@ def test_alpaca_quoted_post_span(tmp_path):
 
 
 def test_alpaca_json_list_errors_name_their_line(tmp_path):
-    rows = [{"task": "sos_hl_1k", "instruction": "a", "output": "高风险"},
-            {"task": "sos_hl_1k", "instruction": "b", "output": "不知道"}]
+    rows = [
+        {"task": "sos_hl_1k", "instruction": "a", "output": "高风险"},
+        {"task": "sos_hl_1k", "instruction": "b", "output": "不知道"},
+    ]
     text = json.dumps(rows, ensure_ascii=False, indent=1)
     line = text.split("\n").index(" {", 2) + 1  # where the second object starts
     bad(tmp_path, "al.json", text, line, "output", "no readable label")
 
 
 def test_alpaca_unknown_task_and_missing_field(tmp_path):
-    bad(tmp_path, "t.jsonl", json.dumps({"task": "nope", "instruction": "a", "output": "b"}) + "\n", 1, "task",
-        "unknown task")
-    bad(tmp_path, "o.jsonl", "\n" + json.dumps({"task": "sos_hl_1k", "instruction": "a"}) + "\n", 2, "output",
-        "missing column")
+    bad(
+        tmp_path,
+        "t.jsonl",
+        json.dumps({"task": "nope", "instruction": "a", "output": "b"}) + "\n",
+        1,
+        "task",
+        "unknown task",
+    )
+    bad(
+        tmp_path,
+        "o.jsonl",
+        "\n" + json.dumps({"task": "sos_hl_1k", "instruction": "a"}) + "\n",
+        2,
+        "output",
+        "missing column",
+    )
     bad(tmp_path, "j.jsonl", '{"task": "sos_hl_1k",\n', 1, "json", "invalid JSON")
 
 
@@ -403,16 +466,22 @@ def test_alpaca_with_per_row_template_overrides(tmp_path):
     rows = [{"task": "sos_hl_1k", "instruction": "帖子：好累\n风险？", "output": "低风险"}]
     path = write(tmp_path, "t.jsonl", json.dumps(rows[0], ensure_ascii=False))
     (r,) = load_records(None, path, templates={"sos_hl_1k": {"query_template": "帖子：{post}\n风险？"}})
-    assert r["query"][r["post_start"]:r["post_end"]] == "好累"
+    assert r["query"][r["post_start"] : r["post_end"]] == "好累"
 
 
 def test_chat_turns(tmp_path):
-    row = {"task": "sos_hl_1k", "id": 9, "messages": [
-        {"role": "system", "content": "s"}, {"role": "user", "content": SOS.format_query("想死")[0]},
-        {"role": "assistant", "content": "该帖子的发布者有高自杀风险。推理：x"}]}
+    row = {
+        "task": "sos_hl_1k",
+        "id": 9,
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": SOS.format_query("想死")[0]},
+            {"role": "assistant", "content": "该帖子的发布者有高自杀风险。推理：x"},
+        ],
+    }
     (r,) = load_records(None, write(tmp_path, "c.jsonl", json.dumps(row, ensure_ascii=False)))
     assert r["id"] == "9" and r["labels"] == ["高自杀风险"] and r["answer"].endswith("推理：x")
-    assert r["query"][r["post_start"]:r["post_end"]] == "想死"
+    assert r["query"][r["post_start"] : r["post_end"]] == "想死"
 
 
 def test_chat_without_assistant_turn(tmp_path):
@@ -421,8 +490,11 @@ def test_chat_without_assistant_turn(tmp_path):
 
 
 def test_chat_duplicate_ids(tmp_path):
-    row = {"task": "sos_hl_1k", "id": "a", "messages": [{"role": "user", "content": "x"},
-                                                        {"role": "assistant", "content": "高风险"}]}
+    row = {
+        "task": "sos_hl_1k",
+        "id": "a",
+        "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "高风险"}],
+    }
     bad(tmp_path, "d.jsonl", json.dumps(row) + "\n" + json.dumps(row) + "\n", 2, "id", "duplicate id")
 
 
@@ -436,12 +508,15 @@ def test_hub_dataset(monkeypatch):
 
     def fake_load(source, split):
         calls.append((source, split))
-        return datasets.Dataset.from_list([{"id": 1, "label": 1, "comment": "想死"},
-                                           {"id": 2, "label": 5, "comment": "好累"}])
+        return datasets.Dataset.from_list(
+            [{"id": 1, "label": 1, "comment": "想死"}, {"id": 2, "label": 5, "comment": "好累"}]
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     with pytest.raises(ValueError, match="fmt"):
-        load_records("sos_hl_1k", "someone/sos")
+        load_records(None, "someone/sos")  # no task, so no format to read it with
+    with pytest.raises(DataError) as e:  # the task names its format (sos_llm): no fmt= needed
+        load_records("sos_hl_1k", "someone/sos", hub_split="validation")
     with pytest.raises(DataError) as e:
         load_records("sos_hl_1k", "someone/sos", "sos_llm", hub_split="validation")
     assert "someone/sos" in str(e.value) and (e.value.line, e.value.field) == (2, "label")
@@ -455,14 +530,18 @@ def test_hub_dataset(monkeypatch):
 
 
 def test_skip_mode_counts_every_bad_item(tmp_path):
-    text = (SOS_HEAD + "1\t0\t好累\r\n2\t9\t想死\r\n3\t1\r\n4\t1\t \r\n5\t1\t想死\r\n5\t0\t失眠\r\n6\t0\t还行\r\n")
+    text = SOS_HEAD + "1\t0\t好累\r\n2\t9\t想死\r\n3\t1\r\n4\t1\t \r\n5\t1\t想死\r\n5\t0\t失眠\r\n6\t0\t还行\r\n"
     path = write(tmp_path, "mixed.csv", text)
     report = LoadReport()
     records = load_records(None, path, on_error="skip", report=report)
     assert [r["id"] for r in records] == ["1", "5", "6"]
     f = str(path)
-    assert report.skipped == {(f, "label outside the label set"): 1, (f, "malformed line"): 1,
-                              (f, "empty post"): 1, (f, "duplicate id"): 1}
+    assert report.skipped == {
+        (f, "label outside the label set"): 1,
+        (f, "malformed line"): 1,
+        (f, "empty post"): 1,
+        (f, "duplicate id"): 1,
+    }
     assert report.total_skipped == 4 and report.loaded[f] == 3
     assert "mixed.csv" in report.summary() and "duplicate id" in report.summary()
 
@@ -509,3 +588,19 @@ def test_fixtures_are_what_the_generator_writes(tmp_path):
     assert len(written) == 30
     for rel in written:
         assert (tmp_path / rel).read_bytes() == (F / rel).read_bytes(), rel
+
+
+def test_csv_fields_are_read_exactly_as_the_csv_module_reads_them(tmp_path):
+    # Quoted line breaks (LF and CRLF) stay in the field; CR-only line ends still end rows.
+    answer = "Yes, the poster suffers from depression. Reasoning: first line\nsecond line\r\nthird."
+    path = write(tmp_path, "dr.csv", imhi_csv([[q("a post\nover two lines"), answer], [q("ok"), YES]]))
+    with open(path, newline="", encoding="utf-8") as f:
+        expected = list(csv.reader(f))[1:]
+    records = load_records("dr", path)
+    assert [[r["query"], r["answer"]] for r in records] == expected
+    cr = write(tmp_path, "cr.csv", SOS_HEAD.replace("\r\n", "\r") + "1\t0\t好累\r2\t1\t想死\r")
+    assert [r["id"] for r in load_records(None, cr)] == ["1", "2"]
+
+
+def test_a_post_of_only_invisible_characters_is_empty(tmp_path):
+    bad(tmp_path, "zw.csv", SOS_HEAD + "1\t0\t\u200b\u200b\ufeff\r\n", 2, "comment", "empty post")

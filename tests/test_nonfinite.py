@@ -5,47 +5,44 @@ The real module, datamodule and callbacks (built by the pipeline from the demo c
 non-finite loss is injected by a forward hook on the model, as fp16 overflow would produce it.
 """
 
-from pathlib import Path
-
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from conftest import compose_config
 
-from mentalglm import pipeline
-from mentalglm.callbacks import StepCheckpoint
+from mentalglm.models.loading import load_tokenizer
 from mentalglm.models.module import NonFiniteLossError
-
-ROOT = Path(__file__).resolve().parents[1]
+from mentalglm.runtime.builders import build_datamodule, build_module, build_tasks
+from mentalglm.runtime.callbacks import StepCheckpoint
 
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory):
     out = tmp_path_factory.mktemp("nonfinite")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train.yaml", return_hydra_config=True, overrides=[
-            "experiment=demo", "variant=s2", "data.stage_tasks.two=[cp]", "data.batch_size=8",
-            f"paths.cache_dir={out / 'cache'}", "callbacks.progress_bar=null", "callbacks.lr_monitor=null",
-            "callbacks.throughput=null", "trainer.enable_progress_bar=false", "+trainer.limit_val_batches=0",
-            "+trainer.limit_train_batches=8", "max_bad_steps=3"])
-        OmegaConf.set_readonly(cfg.hydra, False)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(out)
-            cfg.hydra.runtime.cwd = str(ROOT)
-        HydraConfig.instance().set_config(cfg)
-        with open_dict(cfg):
-            del cfg["hydra"]
-        OmegaConf.resolve(cfg)
-    return cfg
+    return compose_config(
+        [
+            "experiment=demo",
+            "variant=s2",
+            "data.select=[cp]",
+            "data.batch_size=8",
+            f"paths.cache_dir={out / 'cache'}",
+            "callbacks.progress_bar=null",
+            "callbacks.lr_monitor=null",
+            "callbacks.throughput=null",
+            "trainer.enable_progress_bar=false",
+            "+trainer.limit_val_batches=0",
+            "+trainer.limit_train_batches=8",
+            "max_bad_steps=3",
+        ],
+        output_dir=out,
+    )
 
 
 def build(cfg, tmp_path):
-    tokenizer = pipeline.load_tokenizer(cfg.model, cfg.paths.cache_dir)
-    tasks = list(cfg.stages.two.tasks)
-    dm = pipeline.build_datamodule(cfg, tokenizer, tasks, tmp_path, splits=("train", "val"))
-    return dm, pipeline.build_module(cfg, tokenizer, tasks, None)
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    tasks = build_tasks(cfg)
+    dm = build_datamodule(cfg, tokenizer, tasks, ["cp"], tmp_path, splits=("train", "val"))
+    return dm, build_module(cfg, tokenizer, {"cp": tasks["cp"]}, None)
 
 
 class InjectNonFinite(L.Callback):
@@ -78,9 +75,18 @@ class Snapshots(L.Callback):
 
 def fit(cfg, tmp_path, callbacks, max_epochs=1):
     dm, module = build(cfg, tmp_path)
-    trainer = L.Trainer(accelerator="cpu", precision="32-true", max_epochs=max_epochs, logger=False,
-                        callbacks=callbacks, limit_val_batches=0, limit_train_batches=8, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="32-true",
+        max_epochs=max_epochs,
+        logger=False,
+        callbacks=callbacks,
+        limit_val_batches=0,
+        limit_train_batches=8,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=dm)
     return trainer, module
 

@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from mentalglm.eval.parsing import ParseResult, answer_part, cp_parent_child_sets, parse_labels
+from mentalglm.scoring.parsing import ParseResult, answer_part, cp_parent_child_sets, parse_labels
 from mentalglm.tasks import TASKS, get_task
 
 
@@ -46,16 +46,19 @@ def test_multi_label_none_word_is_parsed_empty():
 # ----------------------------------------------------------------------------- SOS-HL-1K
 
 
-@pytest.mark.parametrize("text, label", [
-    ("该帖子的发布者有高自杀风险。推理：低自杀风险的理由不足。", "高自杀风险"),
-    ("\n\n  该帖子的发布者有低自杀风险。", "低自杀风险"),
-    ("高风险", "高自杀风险"),
-    ("自杀风险较低", "低自杀风险"),
-    ("该帖子的发布者的自杀风险高", "高自杀风险"),
-    ("该帖子的发布者有高自杀风险，而不是低自杀风险。", "高自杀风险"),  # earliest wins
-    ("该帖子的发布者有高自杀风险，推理:xx", "高自杀风险"),
-    ("该帖子的发布者有高自杀风险 推理 : 低自杀风险", "高自杀风险"),
-])
+@pytest.mark.parametrize(
+    "text, label",
+    [
+        ("该帖子的发布者有高自杀风险。推理：低自杀风险的理由不足。", "高自杀风险"),
+        ("\n\n  该帖子的发布者有低自杀风险。", "低自杀风险"),
+        ("高风险", "高自杀风险"),
+        ("自杀风险较低", "低自杀风险"),
+        ("该帖子的发布者的自杀风险高", "高自杀风险"),
+        ("该帖子的发布者有高自杀风险，而不是低自杀风险。", "高自杀风险"),  # earliest wins
+        ("该帖子的发布者有高自杀风险，推理:xx", "高自杀风险"),
+        ("该帖子的发布者有高自杀风险 推理 : 低自杀风险", "高自杀风险"),
+    ],
+)
 def test_sos(text, label):
     assert parse("sos_hl_1k", text) == ParseResult([label], True)
 
@@ -68,19 +71,24 @@ def test_sos_unparsed(text):
 # ----------------------------------------------------------------------------- SocialCD-3K
 
 
-@pytest.mark.parametrize("text, labels", [
-    ("该帖子体现的认知歪曲：读心术、以偏概全。", ["以偏概全", "读心术"]),  # reversed order
-    ("\n该帖子体现的认知歪曲：读心术，以偏概全,罪责归他;罪责归己；心理过滤/先知错误 乱贴标签。",
-     ["以偏概全", "心理过滤", "读心术", "先知错误", "乱贴标签", "罪责归己", "罪责归他"]),  # every separator
-    ("该帖子体现的认知歪曲：读心术、读心术、读心术。", ["读心术"]),  # duplicates
-    ("我认为主要是读心术，还有一些应该式的想法", ["读心术", "应该式"]),  # extra words
-    ("该帖子体现的认知歪曲：放大和缩小、应该句式、全或无", ["非此即彼", "放大", "应该式"]),  # aliases
-    ("该帖子体现的认知歪曲：情绪化推理。推理：这里提到读心术。", ["情绪化推理"]),  # label ending in 推理
-    ("该帖子体现的认知歪曲：情绪化推理：放大。推理：读心术", ["放大", "情绪化推理"]),  # "情绪化推理：" is no marker
-    ("该帖子体现的认知歪曲：读心术推理:乱贴标签", ["读心术"]),  # half-width marker
-    ("该帖子体现的认知歪曲：以偏概全、读心术。", ["以偏概全", "读心术"]),  # full-width colon
-    ("该帖子体现的认知歪曲：否定正面思考", ["否定正面思考"]),
-])
+@pytest.mark.parametrize(
+    "text, labels",
+    [
+        ("该帖子体现的认知歪曲：读心术、以偏概全。", ["以偏概全", "读心术"]),  # reversed order
+        (
+            "\n该帖子体现的认知歪曲：读心术，以偏概全,罪责归他;罪责归己；心理过滤/先知错误 乱贴标签。",
+            ["以偏概全", "心理过滤", "读心术", "先知错误", "乱贴标签", "罪责归己", "罪责归他"],
+        ),  # every separator
+        ("该帖子体现的认知歪曲：读心术、读心术、读心术。", ["读心术"]),  # duplicates
+        ("我认为主要是读心术，还有一些应该式的想法", ["读心术", "应该式"]),  # extra words
+        ("该帖子体现的认知歪曲：放大和缩小、应该句式、全或无", ["非此即彼", "放大", "应该式"]),  # aliases
+        ("该帖子体现的认知歪曲：情绪化推理。推理：这里提到读心术。", ["情绪化推理"]),  # label ending in 推理
+        ("该帖子体现的认知歪曲：情绪化推理：放大。推理：读心术", ["放大", "情绪化推理"]),  # "情绪化推理：" is no marker
+        ("该帖子体现的认知歪曲：读心术推理:乱贴标签", ["读心术"]),  # half-width marker
+        ("该帖子体现的认知歪曲：以偏概全、读心术。", ["以偏概全", "读心术"]),  # full-width colon
+        ("该帖子体现的认知歪曲：否定正面思考", ["否定正面思考"]),
+    ],
+)
 def test_socialcd(text, labels):
     assert parse("socialcd_3k", text) == ParseResult(labels, True)
 
@@ -93,25 +101,37 @@ def test_socialcd_unparsed(text):
 # ----------------------------------------------------------------------------- CP (hierarchical)
 
 
-@pytest.mark.parametrize("text, labels", [
-    ("该句子体现的认知路径：认知歪曲-放大和缩小、情绪反应-情感效应。", ["认知歪曲-放大和缩小", "情绪反应-情感效应"]),
-    ("认知歪曲##放大和缩小", ["认知歪曲-放大和缩小"]),
-    ("认知歪曲：放大和缩小", ["认知歪曲-放大和缩小"]),
-    ("认知歪曲:放大和缩小", ["认知歪曲-放大和缩小"]),
-    ("认知歪曲,认知歪曲##放大和缩小,情绪反应,情绪反应##行为效应", ["认知歪曲-放大和缩小", "情绪反应-行为效应"]),  # raw data form
-    ("放大和缩小", ["认知歪曲-放大和缩小"]),  # bare child implies its parent
-    ("情感效应", ["情绪反应-情感效应"]),  # 情感 inside 情感效应 is no hit
-    ("情感、情感效应", ["触发性事件-情感", "情绪反应-情感效应"]),
-    ("触发性事件-情感", ["触发性事件-情感"]),
-    ("认知歪曲、驳斥", ["认知歪曲", "驳斥"]),  # lone parents
-    ("驳斥、驳斥-有效驳斥", ["驳斥-有效驳斥"]),  # a parent with a child found is not lone
-    ("触发性事件：情感效应", ["触发性事件", "情绪反应-情感效应"]),  # the parent has no child here
-    ("罪责归己/他", ["认知歪曲-罪责归己/他"]),
-    ("认知歪曲-罪责归他", ["认知歪曲-罪责归己/他"]),
-    ("\n\n情绪反应－行为效应，认知歪曲－应该句式，触发性事件－学习工作", ["触发性事件-学习工作", "认知歪曲-应该句式", "情绪反应-行为效应"]),
-    ("该句子体现的认知路径：认知歪曲-情绪化推理。推理：涉及有效驳斥", ["认知歪曲-情绪化推理"]),
-    ("该句子体现的认知路径：认知歪曲-情绪化推理：驳斥-有效驳斥", ["认知歪曲-情绪化推理", "驳斥-有效驳斥"]),
-])
+@pytest.mark.parametrize(
+    "text, labels",
+    [
+        (
+            "该句子体现的认知路径：认知歪曲-放大和缩小、情绪反应-情感效应。",
+            ["认知歪曲-放大和缩小", "情绪反应-情感效应"],
+        ),
+        ("认知歪曲##放大和缩小", ["认知歪曲-放大和缩小"]),
+        ("认知歪曲：放大和缩小", ["认知歪曲-放大和缩小"]),
+        ("认知歪曲:放大和缩小", ["认知歪曲-放大和缩小"]),
+        (
+            "认知歪曲,认知歪曲##放大和缩小,情绪反应,情绪反应##行为效应",
+            ["认知歪曲-放大和缩小", "情绪反应-行为效应"],
+        ),  # raw data form
+        ("放大和缩小", ["认知歪曲-放大和缩小"]),  # bare child implies its parent
+        ("情感效应", ["情绪反应-情感效应"]),  # 情感 inside 情感效应 is no hit
+        ("情感、情感效应", ["触发性事件-情感", "情绪反应-情感效应"]),
+        ("触发性事件-情感", ["触发性事件-情感"]),
+        ("认知歪曲、驳斥", ["认知歪曲", "驳斥"]),  # lone parents
+        ("驳斥、驳斥-有效驳斥", ["驳斥-有效驳斥"]),  # a parent with a child found is not lone
+        ("触发性事件：情感效应", ["触发性事件", "情绪反应-情感效应"]),  # the parent has no child here
+        ("罪责归己/他", ["认知歪曲-罪责归己/他"]),
+        ("认知歪曲-罪责归他", ["认知歪曲-罪责归己/他"]),
+        (
+            "\n\n情绪反应－行为效应，认知歪曲－应该句式，触发性事件－学习工作",
+            ["触发性事件-学习工作", "认知歪曲-应该句式", "情绪反应-行为效应"],
+        ),
+        ("该句子体现的认知路径：认知歪曲-情绪化推理。推理：涉及有效驳斥", ["认知歪曲-情绪化推理"]),
+        ("该句子体现的认知路径：认知歪曲-情绪化推理：驳斥-有效驳斥", ["认知歪曲-情绪化推理", "驳斥-有效驳斥"]),
+    ],
+)
 def test_cp(text, labels):
     assert parse("cp", text) == ParseResult(labels, True)
 
@@ -135,21 +155,24 @@ def test_cp_parent_child_sets():
 # ----------------------------------------------------------------------------- IMHI binary
 
 
-@pytest.mark.parametrize("text, label", [
-    ("Yes, the poster suffers from depression. Reasoning: no.", "yes"),
-    ("No, the poster does not suffer from depression. Reasoning: yes.", "no"),
-    ("\n\n No, the poster does not suffer from depression.", "no"),
-    ("no. the poster does not suffer", "no"),
-    ("The poster does not suffer from depression.", "no"),  # alias sentence, no leading no
-    ("The poster suffers from depression.", "yes"),
-    ("YES", "yes"),
-    ("Ｙｅｓ，the poster suffers from depression。", "yes"),  # full-width letters and punctuation
-    ("It is not the case.", "no"),  # explicit alias "not"
-    ("I know this is not depression", "no"),  # "know" does not count; "not" does
-    ("I know, yes", "yes"),
-    ("yes reasoning : no", "yes"),
-    ("Yes REASONING: no", "yes"),
-])
+@pytest.mark.parametrize(
+    "text, label",
+    [
+        ("Yes, the poster suffers from depression. Reasoning: no.", "yes"),
+        ("No, the poster does not suffer from depression. Reasoning: yes.", "no"),
+        ("\n\n No, the poster does not suffer from depression.", "no"),
+        ("no. the poster does not suffer", "no"),
+        ("The poster does not suffer from depression.", "no"),  # alias sentence, no leading no
+        ("The poster suffers from depression.", "yes"),
+        ("YES", "yes"),
+        ("Ｙｅｓ，the poster suffers from depression。", "yes"),  # full-width letters and punctuation
+        ("It is not the case.", "no"),  # explicit alias "not"
+        ("I know this is not depression", "no"),  # "know" does not count; "not" does
+        ("I know, yes", "yes"),
+        ("yes reasoning : no", "yes"),
+        ("Yes REASONING: no", "yes"),
+    ],
+)
 def test_dr(text, label):
     assert parse("dr", text) == ParseResult([label], True)
 
@@ -159,13 +182,19 @@ def test_dr_unparsed(text):
     assert parse("dr", text) == UNPARSED
 
 
-@pytest.mark.parametrize("name, yes, no", [
-    ("dreaddit", "Yes, the poster suffers from stress.", "No, the poster does not suffer from stress."),
-    ("loneliness", "Yes, the poster suffers from loneliness.", "No, the poster does not suffer from loneliness."),
-    ("multiwd", "Yes, this wellness dimension exists in the post.",
-     "No, this wellness dimension does not exist in the post."),
-    ("irf", "Yes, the post shows this risk.", "No, the post does not show this risk."),
-])
+@pytest.mark.parametrize(
+    "name, yes, no",
+    [
+        ("dreaddit", "Yes, the poster suffers from stress.", "No, the poster does not suffer from stress."),
+        ("loneliness", "Yes, the poster suffers from loneliness.", "No, the poster does not suffer from loneliness."),
+        (
+            "multiwd",
+            "Yes, this wellness dimension exists in the post.",
+            "No, this wellness dimension does not exist in the post.",
+        ),
+        ("irf", "Yes, the post shows this risk.", "No, the post does not show this risk."),
+    ],
+)
 def test_imhi_yes_no(name, yes, no):
     assert parse(name, yes + " Reasoning: no") == ParseResult(["yes"], True)
     assert parse(name, no + " Reasoning: yes") == ParseResult(["no"], True)
@@ -176,20 +205,23 @@ def test_imhi_yes_no(name, yes, no):
 # ----------------------------------------------------------------------------- IMHI multi-class
 
 
-@pytest.mark.parametrize("text, label", [
-    ("This post shows the stress cause related to social relationships.", "social relationships"),
-    ("This post shows the stress cause related to work. Reasoning: homework", "work"),
-    ("This post shows the stress cause related to homework and school.", "school"),  # homework is not work
-    ("This post shows other stress causes.", "other"),
-    ("This post shows the stress cause related to financial problem.", "financial problem"),
-    ("This post shows the stress cause related to family issues.", "family issues"),
-    ("This post shows the stress cause related to everyday decision making.", "everyday decision making"),
-    ("This post shows the stress cause related to emotion turmoil.", "emotion turmoil"),
-    ("This post shows the stress cause related to health issues.", "health issues"),
-    ("stress cause: decision-making", "everyday decision making"),
-    ("Work, then school.", "work"),  # earliest wins
-    ("  \nTHIS POST SHOWS THE STRESS CAUSE RELATED TO WORK.", "work"),
-])
+@pytest.mark.parametrize(
+    "text, label",
+    [
+        ("This post shows the stress cause related to social relationships.", "social relationships"),
+        ("This post shows the stress cause related to work. Reasoning: homework", "work"),
+        ("This post shows the stress cause related to homework and school.", "school"),  # homework is not work
+        ("This post shows other stress causes.", "other"),
+        ("This post shows the stress cause related to financial problem.", "financial problem"),
+        ("This post shows the stress cause related to family issues.", "family issues"),
+        ("This post shows the stress cause related to everyday decision making.", "everyday decision making"),
+        ("This post shows the stress cause related to emotion turmoil.", "emotion turmoil"),
+        ("This post shows the stress cause related to health issues.", "health issues"),
+        ("stress cause: decision-making", "everyday decision making"),
+        ("Work, then school.", "work"),  # earliest wins
+        ("  \nTHIS POST SHOWS THE STRESS CAUSE RELATED TO WORK.", "work"),
+    ],
+)
 def test_sad(text, label):
     assert parse("sad", text) == ParseResult([label], True)
 
@@ -199,36 +231,45 @@ def test_sad_unparsed(text):
     assert parse("sad", text) == UNPARSED
 
 
-@pytest.mark.parametrize("text, label", [
-    ("This post shows no causes of depression.", "none"),
-    ("This post shows causes of depression related to relationship.", "relationship"),
-    ("This post shows causes of depression related to jobs and career.", "jobs and career"),
-    ("This post shows causes of depression related to bias or abuse.", "bias or abuse"),
-    ("This post shows causes of depression related to medication.", "medication"),
-    ("This post shows causes of depression related to alienation.", "alienation"),
-    ("This post shows causes of depression related to  bias\nor   abuse.", "bias or abuse"),  # odd spaces
-])
+@pytest.mark.parametrize(
+    "text, label",
+    [
+        ("This post shows no causes of depression.", "none"),
+        ("This post shows causes of depression related to relationship.", "relationship"),
+        ("This post shows causes of depression related to jobs and career.", "jobs and career"),
+        ("This post shows causes of depression related to bias or abuse.", "bias or abuse"),
+        ("This post shows causes of depression related to medication.", "medication"),
+        ("This post shows causes of depression related to alienation.", "alienation"),
+        ("This post shows causes of depression related to  bias\nor   abuse.", "bias or abuse"),  # odd spaces
+    ],
+)
 def test_cams(text, label):
     assert parse("cams", text) == ParseResult([label], True)
 
 
-@pytest.mark.parametrize("text, label", [
-    ("This post shows no mental disorder symptoms.", "none"),
-    ("This post shows mental disorder symptoms related to bipolar disorder.", "bipolar disorder"),
-    ("This post shows mental disorder symptoms related to suicide.", "suicide"),
-    ("This post shows mental disorder symptoms related to anxiety.", "anxiety"),
-    ("This post shows mental disorder symptoms related to depression.", "depression"),
-])
+@pytest.mark.parametrize(
+    "text, label",
+    [
+        ("This post shows no mental disorder symptoms.", "none"),
+        ("This post shows mental disorder symptoms related to bipolar disorder.", "bipolar disorder"),
+        ("This post shows mental disorder symptoms related to suicide.", "suicide"),
+        ("This post shows mental disorder symptoms related to anxiety.", "anxiety"),
+        ("This post shows mental disorder symptoms related to depression.", "depression"),
+    ],
+)
 def test_swmh(text, label):
     assert parse("swmh", text) == ParseResult([label], True)
 
 
-@pytest.mark.parametrize("text, label", [
-    ("This post shows no mental disorders.", "none"),
-    ("This post shows suicide or self-harm tendency.", "suicide or self-harm tendency"),
-    ("This post shows depression.", "depression"),
-    ("This post shows PTSD. Reasoning: no mental disorders otherwise", "ptsd"),
-])
+@pytest.mark.parametrize(
+    "text, label",
+    [
+        ("This post shows no mental disorders.", "none"),
+        ("This post shows suicide or self-harm tendency.", "suicide or self-harm tendency"),
+        ("This post shows depression.", "depression"),
+        ("This post shows PTSD. Reasoning: no mental disorders otherwise", "ptsd"),
+    ],
+)
 def test_t_sid(text, label):
     assert parse("t_sid", text) == ParseResult([label], True)
 
@@ -260,10 +301,12 @@ def test_garbage_is_unparsed_for_every_task():
 
 
 def test_parsing_is_fast():
-    cases = [("socialcd_3k", "该帖子体现的认知歪曲：情绪化推理、以偏概全。推理：" + "这是一段解释。" * 60),
-             ("dr", "Yes, the poster suffers from depression. Reasoning: " + "they say they feel low. " * 20),
-             ("cp", "该句子体现的认知路径：认知歪曲-放大和缩小。推理：" + "解释" * 100),
-             ("sad", "This post shows the stress cause related to work.")]
+    cases = [
+        ("socialcd_3k", "该帖子体现的认知歪曲：情绪化推理、以偏概全。推理：" + "这是一段解释。" * 60),
+        ("dr", "Yes, the poster suffers from depression. Reasoning: " + "they say they feel low. " * 20),
+        ("cp", "该句子体现的认知路径：认知歪曲-放大和缩小。推理：" + "解释" * 100),
+        ("sad", "This post shows the stress cause related to work."),
+    ]
     start = time.perf_counter()
     for _ in range(2500):
         for name, text in cases:

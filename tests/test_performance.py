@@ -18,12 +18,12 @@ from mentalglm.data.loaders import load_records
 from mentalglm.data.paths import FIXTURES_DIR
 from mentalglm.data.render import encode_example
 from mentalglm.data.sampler import LengthGroupedBatchSampler
-from mentalglm.eval.generation import cut_at_stop_strings
-from mentalglm.eval.parsing import parse_labels
 from mentalglm.models import packed_attention
 from mentalglm.models.loss import logits_selection, supervised_loss, supervised_positions
+from mentalglm.runtime.generation import cut_at_stop_strings
+from mentalglm.runtime.throughput import FlopSpec, batch_samples, real_tokens, sample_lengths
+from mentalglm.scoring.parsing import parse_labels
 from mentalglm.tasks import TASKS
-from mentalglm.throughput import FlopSpec, batch_samples, real_tokens, sample_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -88,8 +88,14 @@ def test_module_training_step_loss_is_layout_independent(tiny_checkpoint, tiny_h
     from mentalglm.models.module import MentalGLMModule
 
     torch.manual_seed(0)
-    module = MentalGLMModule(model={"name": "t", "pretrained": str(tiny_checkpoint), "dtype": "float32"}, lora=LORA,
-                             optimizer={"lr": 1e-3}, generation={}, tasks=["sos_hl_1k"], tokenizer=tiny_hf_tokenizer)
+    module = MentalGLMModule(
+        model={"name": "t", "pretrained": str(tiny_checkpoint), "dtype": "float32"},
+        lora=LORA,
+        optimizer={"lr": 1e-3},
+        generation={},
+        tasks=["sos_hl_1k"],
+        tokenizer=tiny_hf_tokenizer,
+    )
     module.configure_model()
     feats = grouped_batch(features)
     padded = TrainCollator(tiny_hf_tokenizer.pad_token_id)(feats)
@@ -163,8 +169,9 @@ def _lora_grads(model):
 
 
 @pytest.mark.parametrize("selection", ["mask", "positions"])
-def test_supervised_logits_loss_and_gradients_equal_labels_loss(tiny_checkpoint, tiny_hf_tokenizer, features,
-                                                                 selection):
+def test_supervised_logits_loss_and_gradients_equal_labels_loss(
+    tiny_checkpoint, tiny_hf_tokenizer, features, selection
+):
     from mentalglm.models.loading import apply_lora
 
     torch.manual_seed(0)
@@ -194,12 +201,10 @@ def test_logits_selection_follows_what_the_model_understands(tiny_checkpoint):
     assert logits_selection(apply_lora(glm, LORA)) == "mask"  # seen through peft
 
     class NoKeep(torch.nn.Module):  # a model without logits_to_keep: the plain labels= loss
-        def forward(self, input_ids, labels=None, use_cache=None):
-            ...
+        def forward(self, input_ids, labels=None, use_cache=None): ...
 
     class PositionsOnly(torch.nn.Module):  # older modeling code: hidden[:, logits_to_keep, :] only
-        def forward(self, input_ids, labels=None, use_cache=None, logits_to_keep=0):
-            ...
+        def forward(self, input_ids, labels=None, use_cache=None, logits_to_keep=0): ...
 
     assert logits_selection(NoKeep()) == "all"
     assert logits_selection(PositionsOnly()) == "positions"
@@ -232,7 +237,9 @@ def c_imhi_answers():
 
 
 def test_val_stop_strings_never_cut_a_label():
-    stops = OmegaConf.load(ROOT / "conf/generation/default.yaml").val_stop_strings
+    from mentalglm.config import GenerationConfig
+
+    stops = GenerationConfig().val_stop_strings
     n = 0
     for task, labels, answer in c_imhi_answers():
         cut = cut_at_stop_strings(answer, stops)
@@ -255,11 +262,25 @@ def test_throughput_monitor_logs_samples_and_real_tokens(tmp_path, tiny_checkpoi
     cfg.window_size = 2
     monitor = instantiate(cfg)
     batches = [TrainCollator(tiny_hf_tokenizer.pad_token_id)(features[i::6][:4]) for i in range(6)]
-    module = MentalGLMModule(model={"name": "t", "pretrained": str(tiny_checkpoint), "dtype": "float32"}, lora=LORA,
-                             optimizer={"lr": 1e-3}, generation={}, tasks=["sos_hl_1k"], tokenizer=tiny_hf_tokenizer)
-    trainer = L.Trainer(accelerator="cpu", max_steps=len(batches), callbacks=[monitor], log_every_n_steps=1,
-                        logger=CSVLogger(tmp_path, name="csv"), enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    module = MentalGLMModule(
+        model={"name": "t", "pretrained": str(tiny_checkpoint), "dtype": "float32"},
+        lora=LORA,
+        optimizer={"lr": 1e-3},
+        generation={},
+        tasks=["sos_hl_1k"],
+        tokenizer=tiny_hf_tokenizer,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=len(batches),
+        callbacks=[monitor],
+        log_every_n_steps=1,
+        logger=CSVLogger(tmp_path, name="csv"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     last = [r for r in rows if r.get("train/lengths")][-1]
@@ -268,18 +289,19 @@ def test_throughput_monitor_logs_samples_and_real_tokens(tmp_path, tiny_checkpoi
     for key in ("train/device/samples_per_sec", "train/device/items_per_sec", "train/device/flops_per_sec"):
         assert float(last[key]) > 0
     spec = FlopSpec.from_model(module.model)
-    assert module.flops_per_batch == spec.train_flops(sample_lengths(batches[-1]),
-                                                      supervised_positions(batches[-1]["labels"]))
+    assert module.flops_per_batch == spec.train_flops(
+        sample_lengths(batches[-1]), supervised_positions(batches[-1]["labels"])
+    )
 
 
 def test_pad_bounded_generation_batches():
-    from mentalglm.eval.generation import _batches
+    from mentalglm.runtime.generation import plan_batches
 
     lengths = [1000, 900, 600, 400, 390, 380, 300, 40, 39, 38, 30, 29]  # longest first, as generate sorts
-    prompts = [[0] * n for n in lengths]
-    order = list(range(len(prompts)))
-    assert _batches(order, prompts, 4, None) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
-    batches = _batches(order, prompts, 4, 0.25)
+    order = list(range(len(lengths)))
+    assert plan_batches(lengths, 4, None) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert plan_batches(lengths[::-1], 4, None) == [[11, 10, 9, 8], [7, 6, 5, 4], [3, 2, 1, 0]]  # sorted once, here
+    batches = plan_batches(lengths, 4, 0.25)
     assert [i for b in batches for i in b] == order and all(len(b) <= 4 for b in batches)
     for b in batches:
         width = max(lengths[i] for i in b)
@@ -289,36 +311,59 @@ def test_pad_bounded_generation_batches():
 
 def test_pad_bounded_generation_keeps_outputs(tiny_model, tiny_hf_tokenizer):
     from mentalglm.data.render import render_prompt
-    from mentalglm.eval.generation import generate
+    from mentalglm.runtime.generation import generate
 
-    posts = ["累", "我最近压力很大，每天晚上都睡不着。" * 6, "I feel lonely.", "我很累" * 3,
-             "Work is hard. " * 20]
+    posts = ["累", "我最近压力很大，每天晚上都睡不着。" * 6, "I feel lonely.", "我很累" * 3, "Work is hard. " * 20]
     prompts = [render_prompt(tiny_hf_tokenizer, p, chat=True) for p in posts]
     one = generate(tiny_model, tiny_hf_tokenizer, prompts, batch_size=1, max_new_tokens=10)
-    assert generate(tiny_model, tiny_hf_tokenizer, prompts, batch_size=16, max_new_tokens=10,
-                    max_pad_fraction=0.25) == one
+    assert (
+        generate(tiny_model, tiny_hf_tokenizer, prompts, batch_size=16, max_new_tokens=10, max_pad_fraction=0.25) == one
+    )
 
 
 @pytest.mark.slow
 def test_gpu_benchmark_script_runs_on_the_tiny_model(tmp_path):
     """benchmarks/gpu_train.py (GLM-4-9b shape on a GPU) runs its whole path on the tiny GLM on CPU."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_train.py"), "--tiny", "--steps", "3", "--warmup", "1",
-           "--seq", "64", "--gen-batch", "4", "--gen-prompt", "16", "--gen-new", "4", "--cache-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu_train.py"),
+        "--tiny",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--seq",
+        "64",
+        "--gen-batch",
+        "4",
+        "--gen-prompt",
+        "16",
+        "--gen-new",
+        "4",
+        "--cache-dir",
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in proc.stdout.splitlines()
-            if line.startswith("| ") and not line.startswith("| figure")}
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in proc.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| figure")
+    }
     assert float(rows["training tokens/s"].replace(",", "")) > 0
     assert float(rows["generation new tokens/s (batch 4, prompt 16, 4 new)"].replace(",", "")) > 0
     assert rows["MFU"].startswith("n/a")  # no peak FLOPs known for a CPU
 
 
-@pytest.mark.parametrize("positions, spans", [
-    ([0, 1, 2, 0, 1, 0], [(0, 3), (3, 5), (5, 6)]),
-    ([0, 1, 2, 3], None),            # one sample: plain causal sdpa
-    ([0, 1, 3, 0, 1], None),         # not runs of 0..n-1
-    ([1, 2, 0, 1], None),            # does not start a sample
-])
+@pytest.mark.parametrize(
+    "positions, spans",
+    [
+        ([0, 1, 2, 0, 1, 0], [(0, 3), (3, 5), (5, 6)]),
+        ([0, 1, 2, 3], None),  # one sample: plain causal sdpa
+        ([0, 1, 3, 0, 1], None),  # not runs of 0..n-1
+        ([1, 2, 0, 1], None),  # does not start a sample
+    ],
+)
 def test_packed_spans(positions, spans):
     assert packed_attention.packed_spans(torch.tensor([positions]), len(positions)) == spans
 
@@ -341,4 +386,3 @@ def test_sdpa_packed_leaves_padded_batches_and_generation_alone(tiny_checkpoint)
     assert torch.equal(a[mask.bool()], b[mask.bool()])
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(sdpa.generate(**kwargs), packed.generate(**kwargs))
-

@@ -8,11 +8,9 @@ One cut-down demo run (log_text=true: the W&B sample table, model outputs only) 
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from conftest import FAST_DEMO, compose_config
+from omegaconf import OmegaConf
 
-from conftest import FAST_DEMO, ROOT
 from mentalglm.data.splits import build_splits
 
 pytestmark = pytest.mark.slow
@@ -29,17 +27,14 @@ NOT_SEARCHED_NAMES = {"predictions.jsonl"}
 
 def fixture_posts() -> list[str]:
     """The post text of every fixture item (the span of the query that is the post)."""
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train.yaml", overrides=["data=fixtures"], return_hydra_config=True)
-        OmegaConf.set_readonly(cfg.hydra, False)
-        with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = "/tmp/mentalglm-privacy"
-            cfg.hydra.runtime.cwd = str(ROOT)
-        HydraConfig.instance().set_config(cfg)
-        specs = OmegaConf.to_container(cfg.data.tasks, resolve=True)
-    splits = build_splits(specs, seed=42)
-    posts = {r["query"][r["post_start"]:r["post_end"]].strip() for rows in splits.values() for r in rows
-             if r["post_start"] >= 0}
+    cfg = compose_config(["data=fixtures"], output_dir="/tmp/mentalglm-privacy")
+    splits = build_splits(OmegaConf.to_container(cfg.data.tasks, resolve=True), seed=42)
+    posts = {
+        r["query"][r["post_start"] : r["post_end"]].strip()
+        for rows in splits.values()
+        for r in rows
+        if r["post_start"] >= 0
+    }
     return sorted(p for p in posts if p)
 
 
@@ -48,12 +43,13 @@ WIDTH = 20  # characters: any 20 consecutive characters of a post found anywhere
 
 def windows(posts: list[str], width: int = WIDTH) -> set[str]:
     """Every `width`-character window of every post, so a quoted fragment is caught, not only whole posts."""
-    return {post[i:i + width] for post in posts for i in range(len(post) - width + 1)}
+    return {post[i : i + width] for post in posts for i in range(len(post) - width + 1)}
 
 
 def searched_files(run: Path) -> list[Path]:
-    return [p for p in run.rglob("*") if p.is_file() and p.suffix not in NOT_SEARCHED
-            and p.name not in NOT_SEARCHED_NAMES]
+    return [
+        p for p in run.rglob("*") if p.is_file() and p.suffix not in NOT_SEARCHED and p.name not in NOT_SEARCHED_NAMES
+    ]
 
 
 def post_leaks(texts: dict[str, bytes], post_windows: set[str], width: int = WIDTH) -> list[str]:
@@ -61,7 +57,9 @@ def post_leaks(texts: dict[str, bytes], post_windows: set[str], width: int = WID
     for name, data in texts.items():
         # Binary files (W&B's protobuf log) keep their strings as contiguous UTF-8: dropping the rest is safe.
         text = data.decode("utf-8", errors="ignore")
-        hit = next((text[i:i + width] for i in range(len(text) - width + 1) if text[i:i + width] in post_windows), None)
+        hit = next(
+            (text[i : i + width] for i in range(len(text) - width + 1) if text[i : i + width] in post_windows), None
+        )
         if hit is not None:
             found.append(f"{name}: {hit!r}")
     return found
@@ -91,8 +89,17 @@ def test_no_post_text_or_secret_in_logs_wandb_or_configs(run_cli, tmp_path):
     tables = list(run.glob("stage_two/wandb/offline-run-*/files/media/table/test/samples_*.table.json"))
     assert len(tables) == 1 and '"output"' in tables[0].read_text()  # log_text=true: the sample table
 
-    evaluate = run_cli("evaluate.py", "model=tiny_glm", "data=fixtures", "trainer=cpu", "logger=default",
-                       f"run_dir={run}", "data.limit_eval=4", "generation.max_new_tokens=16", env=SECRETS)
+    evaluate = run_cli(
+        "evaluate.py",
+        "model=tiny_glm",
+        "data=fixtures",
+        "trainer=cpu",
+        "logger=default",
+        f"run_dir={run}",
+        "data.limit_eval=4",
+        "generation.max_new_tokens=16",
+        env=SECRETS,
+    )
     (eval_run,) = (tmp_path / "outputs" / "evaluate").glob("*/runs/*")
     assert list(eval_run.glob("wandb/offline-run-*"))
     assert not list(eval_run.rglob("*.table.json"))  # log_text defaults to false: no sample table
@@ -109,7 +116,7 @@ def test_the_search_finds_a_post_fragment_where_there_is_one():
     posts = fixture_posts()
     post = max(posts, key=len)
     post_windows = windows(posts)
-    assert post_leaks({"train.log": f"[INFO] - bad row: {post[7:7 + WIDTH]}...".encode()}, post_windows)
+    assert post_leaks({"train.log": f"[INFO] - bad row: {post[7 : 7 + WIDTH]}...".encode()}, post_windows)
     assert post_leaks({"run.wandb": b"\x00\x9f\x12" + post[3:40].encode() + b"\xff\x00"}, post_windows)
-    assert not post_leaks({"train.log": f"[INFO] - bad row: {post[7:6 + WIDTH]}...".encode()}, post_windows)
+    assert not post_leaks({"train.log": f"[INFO] - bad row: {post[7 : 6 + WIDTH]}...".encode()}, post_windows)
     assert secret_leaks({"config.yaml": f"key: {SECRETS['HF_TOKEN']}".encode()}, SECRETS.values())

@@ -28,8 +28,17 @@ IMHI_FILES = [  # task, instruction file, completion file, count
     ("irf", "Irf/val.csv", "Irf/val.csv", 985),
     ("multiwd", "MultiWD/val.csv", "MultiWD/val.csv", 1500),
 ]
-EXPERT = {"CAMS": "cams", "DR": "dr", "Irf": "irf", "MultiWD": "multiwd", "SAD": "sad", "dreaddit": "dreaddit",
-          "loneliness": "loneliness", "swmh": "swmh", "t-sid": "t_sid"}
+EXPERT = {
+    "CAMS": "cams",
+    "DR": "dr",
+    "Irf": "irf",
+    "MultiWD": "multiwd",
+    "SAD": "sad",
+    "dreaddit": "dreaddit",
+    "loneliness": "loneliness",
+    "swmh": "swmh",
+    "t-sid": "t_sid",
+}
 
 
 def labels(records):
@@ -45,7 +54,7 @@ def test_sos_hl_1k(split, n, low, high):
     assert [r["id"] for r in llm] == [str(i) for i in range(1, n + 1)] == [r["id"] for r in bert]
     for a, b in zip(llm, bert):
         assert a["labels"] == b["labels"]
-        post_a, post_b = (r["query"][r["post_start"]:r["post_end"]] for r in (a, b))
+        post_a, post_b = (r["query"][r["post_start"] : r["post_end"]] for r in (a, b))
         # GBK cannot hold every character (e.g. zero-width spaces): the BERT file writes "?".
         assert post_b == post_a.encode("gbk", errors="replace").decode("gbk")
 
@@ -69,7 +78,7 @@ def test_imhi_instruction_and_completion_forms_agree(task, instr, complete, n):
     # spaces differently and cut the longest DR posts.
     same = 0
     for x, y in zip(a, b):
-        px, py = (" ".join(r["query"][r["post_start"]:r["post_end"]].split()) for r in (x, y))
+        px, py = (" ".join(r["query"][r["post_start"] : r["post_end"]].split()) for r in (x, y))
         assert px == py or (task == "dr" and py.startswith(px))
         same += x == y
     assert same / n > 0.9
@@ -77,7 +86,9 @@ def test_imhi_instruction_and_completion_forms_agree(task, instr, complete, n):
 
 def test_imhi_aspects():
     assert Counter(r["aspect"] for r in load_records("irf", D / INSTR / "Irf/val.csv")) == {
-        "thwarted belongingness": 493, "perceived burdensomeness": 492}
+        "thwarted belongingness": 493,
+        "perceived burdensomeness": 492,
+    }
     assert set(Counter(r["aspect"] for r in load_records("multiwd", D / INSTR / "MultiWD/val.csv")).values()) == {250}
 
 
@@ -96,10 +107,18 @@ def test_imhi_loads_fast():
 
 def real_cfg():
     return {
-        "sos_hl_1k": {"train": D / "sos_hl_1k/suicide_train_LLM.csv", "val": None, "val_size": 250,
-                      "test": D / "sos_hl_1k/suicide_val_LLM.csv"},
-        "socialcd_3k": {"train": D / "socialcd_3k/train_data_with_header.tsv", "val": None, "val_size": 682,
-                        "test": D / "socialcd_3k/test_data_with_header.tsv"},
+        "sos_hl_1k": {
+            "train": D / "sos_hl_1k/suicide_train_LLM.csv",
+            "val": None,
+            "val_size": 250,
+            "test": D / "sos_hl_1k/suicide_val_LLM.csv",
+        },
+        "socialcd_3k": {
+            "train": D / "socialcd_3k/train_data_with_header.tsv",
+            "val": None,
+            "val_size": 682,
+            "test": D / "socialcd_3k/test_data_with_header.tsv",
+        },
         "dr": {"train": D / INSTR / "DR/train.csv", "val": D / INSTR / "DR/val.csv"},
         "dreaddit": {"train": D / INSTR / "dreaddit/train.csv", "val": D / INSTR / "dreaddit/val.csv"},
         "sad": {"train": D / INSTR / "SAD/train.csv", "val": D / INSTR / "SAD/val.csv"},

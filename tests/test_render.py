@@ -10,8 +10,16 @@ from mentalglm.tasks import TASKS
 def make_record(post: str, label: str = "高自杀风险", task: str = "sos_hl_1k", rid: str = "r0") -> dict:
     t = TASKS[task]
     query, start, end = t.format_query(post)
-    return {"task": task, "id": rid, "query": query, "answer": t.format_answer([label]), "labels": [label],
-            "aspect": "", "post_start": start, "post_end": end}
+    return {
+        "task": task,
+        "id": rid,
+        "query": query,
+        "answer": t.format_answer([label]),
+        "labels": [label],
+        "aspect": "",
+        "post_start": start,
+        "post_end": end,
+    }
 
 
 def chat_ids(tok, messages, **kw):
@@ -72,8 +80,10 @@ def _plain_bpe(post_processor=None) -> PreTrainedTokenizerFast:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     from tokenizers import trainers
 
-    bpe.train_from_iterator(["hello world question"], trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.train_from_iterator(
+        ["hello world question"],
+        trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False),
+    )
     bpe.add_special_tokens(["<s>", "</s>"])
     if post_processor:
         bpe.post_processor = post_processor(bpe)
@@ -81,14 +91,16 @@ def _plain_bpe(post_processor=None) -> PreTrainedTokenizerFast:
 
 
 def test_base_template_with_llama_style_and_prefixless_tokenizers():
-    llama = _plain_bpe(lambda t: processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))]))
+    llama = _plain_bpe(
+        lambda t: processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.token_to_id("<s>"))])
+    )
     bos = llama.convert_tokens_to_ids("<s>")
     assert auto_prefix(llama) == [bos]
     ids = render_prompt(llama, "hello", chat=False)
     assert ids[0] == bos and ids.count(bos) == 1
-    enc = encode_example(llama, {"id": "x", "query": "hello", "answer": "world", "post_start": 0, "post_end": 5},
-                         chat=False)
+    enc = encode_example(
+        llama, {"id": "x", "query": "hello", "answer": "world", "post_start": 0, "post_end": 5}, chat=False
+    )
     assert enc["input_ids"].count(bos) == 1 and enc["input_ids"][-1] == llama.eos_token_id
     plain = _plain_bpe()
     assert auto_prefix(plain) == [] and render_prompt(plain, "hello", chat=False) == plain("hello\n")["input_ids"]
@@ -104,7 +116,7 @@ def test_truncation_cuts_only_the_post(tok):
         enc = encode_example(tok, rec, chat=True, max_length=max_length)
         assert enc["truncated"] and len(enc["input_ids"]) <= max_length
         # The answer part is untouched, the question intact, the post a prefix of the original.
-        assert enc["input_ids"][enc["prompt_length"]:] == full["input_ids"][full["prompt_length"]:]
+        assert enc["input_ids"][enc["prompt_length"] :] == full["input_ids"][full["prompt_length"] :]
         text = tok.decode(enc["input_ids"][: enc["prompt_length"]], skip_special_tokens=True)
         head, _, rest = text.partition('考虑以下帖子："')
         kept_post, _, question = rest.partition('" 问题：')
@@ -132,8 +144,10 @@ def test_generation_prompt_without_answer(tok):
 
 
 def _records():
-    recs = [make_record("今天心情不好。" * (1 + i % 3), label=("高自杀风险", "低自杀风险")[i % 2], rid=f"s{i}")
-            for i in range(12)]
+    recs = [
+        make_record("今天心情不好。" * (1 + i % 3), label=("高自杀风险", "低自杀风险")[i % 2], rid=f"s{i}")
+        for i in range(12)
+    ]
     recs.append(make_record("我很累。" * 200, rid="long"))  # truncated
     recs.append(dict(make_record("我很累。" * 200, rid="nospan"), post_start=-1, post_end=-1))  # too long
     return datasets.Dataset.from_list(recs)
@@ -147,7 +161,8 @@ def test_tokenize_dataset_stats_columns_and_cache(tok, tmp_path):
     assert not stats["cache_hit"]
     assert stats["real_tokens"] == sum(len(x) for x in train["input_ids"])
     assert {"input_ids", "labels", "prompt_length", "truncated", "task", "id", "aspect", "label_names"} <= set(
-        train.column_names)
+        train.column_names
+    )
     assert "nospan" not in train["id"]
     row = train[0]
     assert row["input_ids"] == encode_example(tok, ds[0], chat=True, max_length=128)["input_ids"]

@@ -16,18 +16,28 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import FAST_DEMO, ROOT, cli_env
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from conftest import FAST_DEMO, ROOT, cli_env
 from mentalglm.data.sampler import LengthGroupedBatchSampler, ResumableDataLoader
-from mentalglm.resume import latest_resumable, run_dir
+from mentalglm.runtime.resume import latest_resumable, run_dir
 
 # Stage two alone, two epochs of 58 steps (batch 8), a checkpoint every 5 steps, LoRA dropout on so that the
 # restored RNG state matters.
-RESUME_RUN = ["experiment=demo", "variant=s2", "stages.two.max_epochs=2", "data.batch_size=8", "data.limit_eval=4",
-              "generation.val_max_new_tokens=16", "test=false", "logger=csv", "callbacks.progress_bar=null",
-              "trainer.enable_progress_bar=false", "callbacks.step_checkpoint.every_n_train_steps=5",
-              "lora.dropout=0.1"]
+RESUME_RUN = [
+    "experiment=demo",
+    "variant=s2",
+    "stages.two.max_epochs=2",
+    "data.batch_size=8",
+    "data.limit_eval=4",
+    "generation.val_max_new_tokens=16",
+    "test=false",
+    "logger=csv",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+    "callbacks.step_checkpoint.every_n_train_steps=5",
+    "lora.dropout=0.1",
+]
 STEPS_PER_EPOCH = 58  # ceil(460 stage-two fixture items / 8)
 
 
@@ -38,14 +48,21 @@ def run_dirs(tmp_path: Path) -> list[Path]:
 def kill_when(tmp_path: Path, cli_cache: Path, overrides: list[str], pattern: str) -> Path:
     """Start train.py, SIGKILL it as soon as a file matching `pattern` (under the outputs) exists."""
     env = cli_env(tmp_path / "outputs")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"paths.cache_dir={cli_cache}", *overrides],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), f"paths.cache_dir={cli_cache}", *overrides],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 600  # a guard against a hung child, not a timing assertion
     try:
         while not (hits := list((tmp_path / "outputs").glob(pattern))):
             if proc.poll() is not None:
-                pytest.fail(f"train.py ended (exit {proc.returncode}) before {pattern} appeared:\n"
-                            f"{proc.stderr.read()[-3000:]}")
+                pytest.fail(
+                    f"train.py ended (exit {proc.returncode}) before {pattern} appeared:\n{proc.stderr.read()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail(f"{pattern} did not appear")
             time.sleep(0.01)
@@ -131,8 +148,9 @@ class _Loaders(L.LightningDataModule):
         self.train_loader, self._state = None, None
 
     def train_dataloader(self):
-        loader = ResumableDataLoader(list(range(40)), batch_sampler=LengthGroupedBatchSampler(
-            list(range(40)), 4, bucket_batches=2, seed=1))
+        loader = ResumableDataLoader(
+            list(range(40)), batch_sampler=LengthGroupedBatchSampler(list(range(40)), 4, bucket_batches=2, seed=1)
+        )
         loader.current_epoch = lambda: self.trainer.fit_loop.epoch_progress.current.processed
         loader.consumed = lambda: self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
         if self._state:
@@ -165,15 +183,22 @@ class _Recorder(L.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.01)
-        self.trainer.estimated_stepping_batches  # builds and starts the train loader before any restore
+        _ = self.trainer.estimated_stepping_batches  # builds and starts the train loader before any restore
         return opt
 
 
 def _fit(max_epochs=3, max_steps=-1, callbacks=(), ckpt_path=None) -> _Recorder:
     model = _Recorder()
-    L.Trainer(max_epochs=max_epochs, max_steps=max_steps, callbacks=list(callbacks), logger=False,
-              enable_checkpointing=bool(callbacks), enable_progress_bar=False, enable_model_summary=False,
-              num_sanity_val_steps=0).fit(model, _Loaders(), ckpt_path=ckpt_path)
+    L.Trainer(
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        callbacks=list(callbacks),
+        logger=False,
+        enable_checkpointing=bool(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    ).fit(model, _Loaders(), ckpt_path=ckpt_path)
     return model
 
 
@@ -185,9 +210,11 @@ def test_every_epoch_sees_every_batch_in_a_new_order():
     assert epochs[0] != epochs[1] != epochs[2]
 
 
-@pytest.mark.parametrize("stop,every", [(13, 13), (10, 10), (20, 10), (10, None), (20, None)],
-                         ids=["mid-epoch", "after-last-batch", "after-last-batch-epoch-1", "after-validation",
-                              "after-validation-epoch-1"])
+@pytest.mark.parametrize(
+    "stop,every",
+    [(13, 13), (10, 10), (20, 10), (10, None), (20, None)],
+    ids=["mid-epoch", "after-last-batch", "after-last-batch-epoch-1", "after-validation", "after-validation-epoch-1"],
+)
 def test_resumed_loader_continues_at_the_next_batch(tmp_path, stop, every):
     full = _fit().seen
     if every:  # a step checkpoint; the run stops right after it

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import FAST_DEMO, ROOT
+
+from mentalglm.errors import CheckpointError
 from mentalglm.models import loading
 
 S2 = [*FAST_DEMO, "variant=s2", "test=false"]
@@ -58,13 +59,16 @@ def test_package_loads_torch_files_only_with_weights_only():
     for path in sources:
         for call in re.findall(r"torch\.load\([^)]*\)", path.read_text()):
             assert "weights_only=True" in call, f"{path}: {call}"
-    assert "weights_only=True)" in (ROOT / "mentalglm" / "pipeline.py").read_text().split("trainer.fit(", 1)[1][:200]
+    assert (
+        "weights_only=True)"
+        in (ROOT / "mentalglm" / "commands" / "train.py").read_text().split("trainer.fit(", 1)[1][:200]
+    )
 
 
 def test_pickled_adapter_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8}))
     torch.save({"lora": torch.zeros(2)}, tmp_path / "adapter_model.bin")
-    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors .pickled .bin adapters are refused"):
+    with pytest.raises(CheckpointError, match="no adapter_model.safetensors .pickled .bin adapters are refused"):
         loading.check_adapter_dir(tmp_path)
 
 
@@ -105,8 +109,13 @@ def test_truncated_checkpoint_is_a_clear_error(run_cli, tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_of_other_lora_shape_or_base_is_refused(run_cli, tmp_path):
-    quick = [*S2, "stages.two.max_epochs=1", "+trainer.limit_train_batches=2", "data.limit_eval=1",
-             "generation.val_max_new_tokens=2"]
+    quick = [
+        *S2,
+        "stages.two.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "data.limit_eval=1",
+        "generation.val_max_new_tokens=2",
+    ]
     run_cli("train.py", *quick)
     (ckpt,) = (tmp_path / "outputs" / "train").glob("*/runs/*/stage_two/checkpoints/last.ckpt")
 
@@ -114,8 +123,9 @@ def test_checkpoint_of_other_lora_shape_or_base_is_refused(run_cli, tmp_path):
     assert "the checkpoint does not fit this run: it was trained with lora_r 16 (this run: 8)" in line
     assert "Use the model and lora settings it was trained with" in line
 
-    line = last_line(run_cli("train.py", *quick, f"ckpt_path={ckpt}", "lora.target_modules=[q_proj,v_proj]",
-                             check=False))
+    line = last_line(
+        run_cli("train.py", *quick, f"ckpt_path={ckpt}", "lora.target_modules=[q_proj,v_proj]", check=False)
+    )
     assert "target_modules" in line and "'q_proj', 'v_proj'" in line
 
     # Same model name, different architecture: the adapter shapes give it away.

@@ -4,7 +4,7 @@ from mentalglm.data.sampler import LengthGroupedBatchSampler, padding_stats
 
 
 def skewed_lengths(n=1000, seed=0):
-    # Mostly short posts with a long tail, like C-IMHI mixed with IMHI DR (REFERENCE.md §7).
+    # Mostly short posts with a long tail, like C-IMHI mixed with IMHI DR.
     rng = random.Random(seed)
     return [rng.randint(20, 60) if rng.random() < 0.7 else rng.randint(200, 1000) for _ in range(n)]
 

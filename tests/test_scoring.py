@@ -3,10 +3,11 @@ from pathlib import Path
 
 import pytest
 
-from mentalglm.eval.atomic import append_jsonl, write_atomic, write_json_atomic
-from mentalglm.eval.metrics import mean_f1
-from mentalglm.eval.report import results_markdown, save_plots
-from mentalglm.eval.scoring import PredictionsError, score_predictions_file, score_records
+from mentalglm.fileio.atomic import append_jsonl, write_atomic, write_json_atomic
+from mentalglm.reporting.results import results_markdown, save_plots
+from mentalglm.reporting.writer import score_predictions_file
+from mentalglm.scoring.metrics import mean_f1, result_keys
+from mentalglm.scoring.score import PredictionsError, score_records
 
 FIXTURE = Path(__file__).parent / "fixtures" / "predictions_small.jsonl"
 
@@ -21,18 +22,33 @@ EXPECTED = {
     # children: cp-1 tp 1 (放大和缩小), fp 1 (行为效应), fn 1 (情感效应); cp-2 fp 1 (情感效应), fn 1 (情感)
     "cp_child": dict(precision=1 / 3, recall=1 / 3, f1=1 / 3, parse_rate=1.0, n=2),
     # positive "yes": dr-1 tp, dr-2 tn, dr-3 unparsed with gold yes: fn
-    "dr": dict(precision=1.0, recall=1 / 2, f1=2 / 3, parse_rate=2 / 3, n=3, accuracy=2 / 3,
-               f1_weighted=(1 * 1.0 + 2 * (2 / 3)) / 3),
+    "dr": dict(
+        precision=1.0,
+        recall=1 / 2,
+        f1=2 / 3,
+        parse_rate=2 / 3,
+        n=3,
+        accuracy=2 / 3,
+        f1_weighted=(1 * 1.0 + 2 * (2 / 3)) / 3,
+    ),
     # sad-1 gold social relationships, pred work; sad-2 school correct. Weighted over gold support.
     "sad": dict(precision=1 / 2, recall=1 / 2, f1=1 / 2, parse_rate=1.0, n=2, accuracy=1 / 2, f1_weighted=1 / 2),
     # mwd-1 tp (social), mwd-2 fp (physical)
-    "multiwd": dict(precision=1 / 2, recall=1.0, f1=2 / 3, parse_rate=1.0, n=2, accuracy=1 / 2, f1_weighted=1 / 3,
-                    per_aspect={"physical": 0.0, "social": 1.0}),
+    "multiwd": dict(
+        precision=1 / 2,
+        recall=1.0,
+        f1=2 / 3,
+        parse_rate=1.0,
+        n=2,
+        accuracy=1 / 2,
+        f1_weighted=1 / 3,
+        per_aspect={"physical": 0.0, "social": 1.0},
+    ),
 }
 
 
 def check_expected(metrics):
-    assert list(metrics) == list(EXPECTED)
+    assert result_keys(metrics) == list(EXPECTED)  # in the order the file names its tasks
     for key, expected in EXPECTED.items():
         for name, value in expected.items():
             assert metrics[key][name] == pytest.approx(value, abs=1e-12), (key, name)
@@ -45,8 +61,10 @@ def test_score_predictions_file(tmp_path):
 
     on_disk = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
     check_expected(on_disk)
-    for m in on_disk.values():
-        assert {"precision", "recall", "f1", "parse_rate", "n"} <= set(m)
+    for key in result_keys(on_disk):
+        assert {"precision", "recall", "f1", "parse_rate", "n"} <= set(on_disk[key])
+    assert on_disk["schema_version"] == 1 and on_disk["templates"] == {}
+    assert on_disk["tasks"]["cp"]["metric_keys"] == ["cp_parent", "cp_child"]
 
     scored = [json.loads(line) for line in (tmp_path / "out" / "scored.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(scored) == 16
@@ -78,14 +96,18 @@ def test_results_markdown_shapes():
     md = results_markdown({"sos_hl_1k": dict(precision=0.8, recall=0.9, f1=0.85, parse_rate=1.0, n=10)}, title="T")
     assert md.startswith("# T")
     assert "| SOS-HL-1K | 80.00 | 90.00 | 85.00 | 100.00 | 10 |" in md
-    assert "## IMHI" not in md
-    assert results_markdown({"sos_hl_1k": dict(precision=0.8, recall=0.9, f1=0.85, parse_rate=1.0, n=10),
-                             "f1_mean": 0.85}, title="T") == md  # summary entries are skipped
+    assert "## Accuracy and weighted F1" not in md  # SOS-HL-1K reports no secondary metrics
+    assert (
+        results_markdown(
+            {"sos_hl_1k": dict(precision=0.8, recall=0.9, f1=0.85, parse_rate=1.0, n=10), "f1_mean": 0.85}, title="T"
+        )
+        == md
+    )  # summary entries are skipped
 
 
 def test_save_plots(tmp_path, recwarn):
     metrics = score_predictions_file(FIXTURE, tmp_path)
-    paths = save_plots(metrics, tmp_path / "plots")
+    paths = save_plots({k: metrics[k] for k in result_keys(metrics)}, tmp_path / "plots")
     names = {p.name for p in paths}
     assert "cp_child_per_label_f1.png" in names and "sos_hl_1k_confusion.png" in names
     assert "socialcd_3k_confusion.png" not in names  # multi-label: no confusion matrix
@@ -110,24 +132,27 @@ def test_atomic_helpers(tmp_path):
 GOOD = {"task": "dr", "labels": ["yes"], "output": "Yes."}
 
 
-@pytest.mark.parametrize("line, field", [
-    ('{"task": "dr", "output": ', "bad JSON"),
-    ('["not", "an", "object"]', "JSON object"),
-    (json.dumps({"labels": ["yes"], "output": "Yes."}), "'task'"),
-    (json.dumps({"task": "depression", "labels": ["yes"], "output": "Yes."}), "'task'"),
-    (json.dumps({"task": "dr", "labels": ["yes"]}), "'output'"),
-    (json.dumps({"task": "dr", "labels": ["yes"], "output": None}), "'output'"),
-    (json.dumps({"task": "dr", "labels": ["yes"], "output": 3}), "'output'"),
-    (json.dumps({"task": "dr", "output": "Yes."}), "'reference'"),
-    (json.dumps({"task": "dr", "labels": ["maybe"], "output": "Yes."}), "'labels'"),
-    (json.dumps({"task": "dr", "labels": "yes", "output": "Yes."}), "'labels'"),
-    (json.dumps({"task": "dr", "labels": ["yes", "no"], "output": "Yes."}), "'labels'"),
-    (json.dumps({"task": "socialcd_3k", "labels": ["妄下结论"], "output": "无"}), "'labels'"),
-    (json.dumps({"task": "cp", "labels": ["放大和缩小"], "output": "无"}), "'labels'"),
-    (json.dumps({"task": "dr", "reference": "maybe", "output": "Yes."}), "'reference'"),
-    (json.dumps({"task": "dr", "reference": 1, "output": "Yes."}), "'reference'"),
-    (json.dumps({"task": "irf", "aspect": "social", "labels": ["yes"], "output": "Yes."}), "'aspect'"),
-])
+@pytest.mark.parametrize(
+    "line, field",
+    [
+        ('{"task": "dr", "output": ', "bad JSON"),
+        ('["not", "an", "object"]', "JSON object"),
+        (json.dumps({"labels": ["yes"], "output": "Yes."}), "'task'"),
+        (json.dumps({"task": "depression", "labels": ["yes"], "output": "Yes."}), "'task'"),
+        (json.dumps({"task": "dr", "labels": ["yes"]}), "'output'"),
+        (json.dumps({"task": "dr", "labels": ["yes"], "output": None}), "'output'"),
+        (json.dumps({"task": "dr", "labels": ["yes"], "output": 3}), "'output'"),
+        (json.dumps({"task": "dr", "output": "Yes."}), "'reference'"),
+        (json.dumps({"task": "dr", "labels": ["maybe"], "output": "Yes."}), "'labels'"),
+        (json.dumps({"task": "dr", "labels": "yes", "output": "Yes."}), "'labels'"),
+        (json.dumps({"task": "dr", "labels": ["yes", "no"], "output": "Yes."}), "'labels'"),
+        (json.dumps({"task": "socialcd_3k", "labels": ["妄下结论"], "output": "无"}), "'labels'"),
+        (json.dumps({"task": "cp", "labels": ["放大和缩小"], "output": "无"}), "'labels'"),
+        (json.dumps({"task": "dr", "reference": "maybe", "output": "Yes."}), "'reference'"),
+        (json.dumps({"task": "dr", "reference": 1, "output": "Yes."}), "'reference'"),
+        (json.dumps({"task": "irf", "aspect": "social", "labels": ["yes"], "output": "Yes."}), "'aspect'"),
+    ],
+)
 def test_bad_input_names_file_line_field(tmp_path, line, field):
     path = tmp_path / "preds.jsonl"
     path.write_text(json.dumps(GOOD) + "\n" + line + "\n", encoding="utf-8")

@@ -10,15 +10,25 @@ from mentalglm.data.splits import build_splits, carve_val, save_split, split_fin
 from mentalglm.tasks import TASKS
 
 F = FIXTURES_DIR
-IMHI = [n for n, t in TASKS.items() if t.group == "imhi"]
+IMHI = [n for n, t in TASKS.items() if t.format == "imhi_instruction"]
 
 
 def fixture_cfg(tasks=None):
     cfg = {
-        "sos_hl_1k": {"train": F / "sos_hl_1k/suicide_train_LLM.csv", "val": None, "val_size": 20,
-                      "test": F / "sos_hl_1k/suicide_val_LLM.csv", "format": None},
-        "socialcd_3k": {"train": F / "socialcd_3k/train_data_with_header.tsv", "val": None, "val_size": 20,
-                        "test": F / "socialcd_3k/test_data_with_header.tsv", "format": None},
+        "sos_hl_1k": {
+            "train": F / "sos_hl_1k/suicide_train_LLM.csv",
+            "val": None,
+            "val_size": 20,
+            "test": F / "sos_hl_1k/suicide_val_LLM.csv",
+            "format": None,
+        },
+        "socialcd_3k": {
+            "train": F / "socialcd_3k/train_data_with_header.tsv",
+            "val": None,
+            "val_size": 20,
+            "test": F / "socialcd_3k/test_data_with_header.tsv",
+            "format": None,
+        },
         "cp": {"train": F / "cp/train.txt", "val": F / "cp/val.txt", "test": F / "cp/test.txt"},
         **{t: {"train": F / f"imhi/{t}/train.csv", "val": F / f"imhi/{t}/val.csv"} for t in IMHI},
     }
@@ -38,15 +48,20 @@ def test_fixture_split_sizes():
     assert set(s) == {"train", "val", "test"}
     assert count(s["train"])["sos_hl_1k"] == 60 and count(s["val"])["sos_hl_1k"] == 20
     assert count(s["test"])["sos_hl_1k"] == 30
-    assert (count(s["train"])["socialcd_3k"], count(s["val"])["socialcd_3k"], count(s["test"])["socialcd_3k"]) == (220, 20, 40)
+    assert (count(s["train"])["socialcd_3k"], count(s["val"])["socialcd_3k"], count(s["test"])["socialcd_3k"]) == (
+        220,
+        20,
+        40,
+    )
     assert (count(s["train"])["cp"], count(s["val"])["cp"], count(s["test"])["cp"]) == (200, 30, 30)
     for t in IMHI:
         assert (count(s["train"])[t], count(s["val"])[t], count(s["test"])[t]) == (30, 10, 0)
 
 
 def test_carved_val_is_disjoint_and_complete():
-    full = build_splits(fixture_cfg(["sos_hl_1k"]) | {"sos_hl_1k": {
-        "train": F / "sos_hl_1k/suicide_train_LLM.csv"}}, seed=0)["train"]
+    full = build_splits(
+        fixture_cfg(["sos_hl_1k"]) | {"sos_hl_1k": {"train": F / "sos_hl_1k/suicide_train_LLM.csv"}}, seed=0
+    )["train"]
     s = build_splits(fixture_cfg(["sos_hl_1k"]), seed=0)
     train, val = ids(s["train"], "sos_hl_1k"), ids(s["val"], "sos_hl_1k")
     assert not set(train) & set(val)
@@ -92,11 +107,14 @@ def test_carve_val_quotas_sum_to_k():
     assert max(Counter(r["labels"][0] for r in val).values()) - min(Counter(r["labels"][0] for r in val).values()) <= 1
 
 
-@pytest.mark.parametrize("spec,match", [
-    ({"val": "x.csv", "val_size": 5}, "either val or val_size"),
-    ({"val_size": 500}, "does not fit"),
-    ({"val_size": 10, "vall": "typo"}, "unknown keys"),
-])
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ({"val": "x.csv", "val_size": 5}, "either val or val_size"),
+        ({"val_size": 500}, "does not fit"),
+        ({"val_size": 10, "vall": "typo"}, "unknown keys"),
+    ],
+)
 def test_bad_specs(spec, match):
     cfg = fixture_cfg(["sos_hl_1k"])
     cfg["sos_hl_1k"] = {"train": cfg["sos_hl_1k"]["train"], **spec}
@@ -117,7 +135,7 @@ def test_save_split_holds_ids_only(tmp_path):
         assert entry["sha256"] == hashlib.sha256(lines.encode()).hexdigest()
     text = path.read_text(encoding="utf-8")
     for r in s["train"][:50] + s["test"][:50]:
-        assert r["query"][r["post_start"]:r["post_end"]] not in text
+        assert r["query"][r["post_start"] : r["post_end"]] not in text
 
 
 def test_templates_reach_the_records():
@@ -127,16 +145,22 @@ def test_templates_reach_the_records():
     assert split_fingerprint(s) == split_fingerprint(build_splits(fixture_cfg(["sos_hl_1k"]), seed=0))
 
 
-def test_multi_task_instruction_file_entry():
-    cfg = {"c_imhi_chat": {"task": None, "train": F / "instructions/c_imhi_chat.jsonl", "format": "chat"}}
-    s = build_splits(cfg, seed=0)
-    assert set(count(s["train"])) == {"sos_hl_1k", "socialcd_3k", "cp"}
+def test_multi_task_instruction_file_entry(caplog):
+    # One instruction file of several tasks: each task's entry takes its own rows.
+    chat = F / "instructions/c_imhi_chat.jsonl"
+    cfg = {"sos_hl_1k": {"train": chat, "format": "chat"}, "socialcd_3k": {"train": chat}}
+    with caplog.at_level("INFO"):
+        s = build_splits(cfg, seed=0)
+    assert count(s["train"]) == {"sos_hl_1k": 4, "socialcd_3k": 3}
+    assert "not configured, so not read: cp" in caplog.text
 
 
 def test_skip_mode_reports_through_build_splits(tmp_path):
     bad = tmp_path / "bad.csv"
-    bad.write_text("id\tlabel\tcomment\n" + "".join(f"{i}\t{i % 2}\t帖子{i}\n" for i in range(1, 11)) + "11\t7\t坏\n",
-                   encoding="utf-8")
+    bad.write_text(
+        "id\tlabel\tcomment\n" + "".join(f"{i}\t{i % 2}\t帖子{i}\n" for i in range(1, 11)) + "11\t7\t坏\n",
+        encoding="utf-8",
+    )
     report = LoadReport()
     s = build_splits({"sos_hl_1k": {"train": bad, "val_size": 2}}, seed=0, on_error="skip", report=report)
     assert len(s["train"]) == 8 and len(s["val"]) == 2

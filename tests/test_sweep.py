@@ -10,12 +10,16 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import FAST_DEMO, ROOT
 from omegaconf import OmegaConf
 
-from conftest import FAST_DEMO, ROOT
-from mentalglm.eval.ablation import COLUMNS, FAILED, rebuild_ablation
+from mentalglm.errors import ConfigError
+from mentalglm.reporting.ablation import FAILED, rebuild_ablation
+from mentalglm.reporting.writer import task_summary
+from mentalglm.tasks import TASKS
 
-KEYS = [key for key, _ in COLUMNS]
+# The metric keys of the demo's test tasks: the table's columns.
+KEYS = ["sos_hl_1k", "socialcd_3k", "cp_parent", "cp_child"]
 
 
 @pytest.fixture
@@ -51,7 +55,7 @@ def table_rows(markdown: str) -> dict[tuple[str, str], list[str]]:
     rows = {}
     for line in markdown.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 3 + len(COLUMNS) and cells[0] not in ("model", "---"):
+        if len(cells) == 3 + len(KEYS) and cells[0] not in ("model", "---"):
             rows[(cells[0], cells[1])] = cells[2:]
     return rows
 
@@ -66,11 +70,11 @@ def wandb_records(path: Path):
         if block - pos % block < 7:
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if length == 0 and kind == 0:  # zero padding up to the next block
             pos += block - pos % block
             continue
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk: a whole record
             record = pb.Record()
@@ -95,10 +99,10 @@ def wandb_run(run_dir: Path) -> dict:
 # A driver that runs train.py's Hydra main in this process, so it can watch objects across jobs: weak
 # references to every module, model and optimizer; at each build, how many of the earlier ones are alive.
 # CRASH_FIRST=1 makes the first export of a best adapter raise, i.e. a job crashing after training.
-DRIVER = r'''
+DRIVER = r"""
 import json, os, sys, weakref
 sys.path.insert(0, {root!r})
-import mentalglm.pipeline as P
+import mentalglm.commands.train as P
 from mentalglm.models.module import MentalGLMModule
 
 refs, alive_at_build, exports = [], [], []
@@ -134,8 +138,9 @@ try:
 except SystemExit as e:
     code = e.code
 with open(os.environ["DRIVER_OUT"], "w") as f:
-    json.dump({{"alive_at_build": alive_at_build, "tracked": len(refs), "exit": None if code in (0, None) else str(code)}}, f)
-'''
+    exit_code = None if code in (0, None) else str(code)
+    json.dump({{"alive_at_build": alive_at_build, "tracked": len(refs), "exit": exit_code}}, f)
+"""
 
 
 def run_driver(run_cli, tmp_path: Path, *overrides: str, crash_first: bool = False) -> dict:
@@ -147,17 +152,30 @@ def run_driver(run_cli, tmp_path: Path, *overrides: str, crash_first: bool = Fal
 
 
 # ----------------------------------------------------------------------------- the table, from fake job directories
-def fake_job(sweep: Path, num: int, model: str, variant: str | None, seed: int, f1: dict | None = None,
-             failed: str | None = None, stage: str = "two", test: bool = True) -> Path:
+def fake_job(
+    sweep: Path,
+    num: int,
+    model: str,
+    variant: str | None,
+    seed: int,
+    f1: dict | None = None,
+    failed: str | None = None,
+    stage: str = "two",
+    test: bool = True,
+) -> Path:
     job = sweep / str(num)
     (job / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"model": {"name": model}, "seed": seed, "test": test, "stage": {"name": stage},
-                                     "variant": None if variant is None else {"name": variant}}),
-                   job / ".hydra" / "config.yaml")
+    OmegaConf.save(
+        OmegaConf.create({"model": {"name": model}, "seed": seed, "test": test, "chain": [stage], "variant": variant}),
+        job / ".hydra" / "config.yaml",
+    )
     OmegaConf.save(OmegaConf.create([f"model={model}", f"seed={seed}"]), job / ".hydra" / "overrides.yaml")
     if f1 is not None:
         (job / "test").mkdir()
-        (job / "test" / "metrics.json").write_text(json.dumps({k: {"f1": v, "n": 10} for k, v in f1.items()}))
+        tasks = task_summary({t: TASKS[t] for t in ("sos_hl_1k", "socialcd_3k", "cp")})
+        (job / "test" / "metrics.json").write_text(
+            json.dumps({**{k: {"f1": v, "n": 10} for k, v in f1.items()}, "tasks": tasks})
+        )
     if failed is not None:
         (job / FAILED).write_text(json.dumps({"reason": failed}))
     return job
@@ -186,7 +204,7 @@ def test_table_means_and_stds_over_seeds_one_row_per_model_and_variant(tmp_path)
     assert list(rows) == [("glm4", "s1"), ("glm4", "s2"), ("glm4", "full"), ("glm4_chat", "s1"), ("glm4_chat", "full")]
     full = rows[("glm4_chat", "full")]
     assert full[0] == "3"
-    for i, key in enumerate(KEYS):
+    for i in range(len(KEYS)):
         values = [100 * (b + i / 100) for b in (0.5, 0.6, 0.7)]
         assert full[1 + i] == f"{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f}"
     assert rows[("glm4_chat", "s1")][1:] == [f"{100 * (0.30 + i / 100):.2f}" for i in range(len(KEYS))]
@@ -202,7 +220,9 @@ def test_table_means_and_stds_over_seeds_one_row_per_model_and_variant(tmp_path)
     with open(sweep / "ablation.csv") as f:
         table = {(r["model"], r["variant"]): r for r in csv.DictReader(f)}
     assert table[("glm4_chat", "full")]["n_seeds"] == "3"
-    assert float(table[("glm4_chat", "full")]["cp_child_mean"]) == pytest.approx(100 * statistics.fmean([0.53, 0.63, 0.73]), abs=1e-4)
+    assert float(table[("glm4_chat", "full")]["cp_child_mean"]) == pytest.approx(
+        100 * statistics.fmean([0.53, 0.63, 0.73]), abs=1e-4
+    )
     assert float(table[("glm4_chat", "full")]["sos_hl_1k_std"]) == pytest.approx(10.0, abs=1e-4)
     assert table[("glm4", "s2")]["n_failed"] == "1" and table[("glm4", "s1")]["sos_hl_1k_mean"] == ""
     assert (sweep / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -222,58 +242,71 @@ def test_rerun_job_replaces_its_failure_and_untested_jobs_are_left_out(tmp_path)
 
 
 def test_rebuild_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist"):
         rebuild_ablation(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no job directories"):
+    with pytest.raises(ConfigError, match="no job directories"):
         rebuild_ablation(tmp_path / "empty")
     fake_job(tmp_path / "untested", 0, "glm4", None, 1, stage="one", test=False)
-    with pytest.raises(FileNotFoundError, match="test=false"):
+    with pytest.raises(ConfigError, match="test=false"):
         rebuild_ablation(tmp_path / "untested")
 
 
 # ----------------------------------------------------------------------------- composition of the paper's sweeps
 def test_model_variant_seed_sweep_composes_distinct_jobs():
     """`-m model=glm4,glm4_chat variant=s1,s2,full seed=1,2,3`: 18 jobs, each its own model, variant and seed;
-    stage one's registry entry is per (model, seed), so a stage-two job can only find its own."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    stage one's registry entry is per (model, seed) and identity, so a stage-two job can only find its own."""
+    from conftest import compose_config
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from mentalglm.pipeline import initial_adapter, plan_stages, registry_path, run_name
-    from test_config import compose_train
+    from mentalglm.commands.train import initial_adapter, plan_stages, run_name
+    from mentalglm.runtime import registry as reg
 
     parsed = OverridesParser.create().parse_overrides(["model=glm4,glm4_chat", "variant=s1,s2,full", "seed=1,2,3"])
     (batch,) = BasicSweeper.split_arguments(parsed, None)
     assert len(batch) == 18
     seen, registry, names = set(), {}, set()
     for overrides in batch:
-        cfg = compose_train(overrides)
-        key = (cfg.model.name, cfg.variant.name, cfg.seed)
+        cfg = compose_config(overrides)
+        key = (cfg.model.name, cfg.variant, cfg.seed)
         assert key not in seen
         seen.add(key)
-        assert cfg.model.pretrained == {"glm4": "THUDM/glm-4-9b-hf", "glm4_chat": "THUDM/glm-4-9b-chat-hf"}[cfg.model.name]
-        assert [s.name for s in plan_stages(cfg)] == {"s1": ["one"], "s2": ["two"], "full": ["one", "two"]}[cfg.variant.name]
-        registry.setdefault((cfg.model.name, cfg.seed), set()).add(registry_path(cfg, "one"))
-        names.update(run_name(cfg, s.name) for s in plan_stages(cfg))
-        if cfg.variant.name == "s2":
-            assert initial_adapter(cfg, cfg.stages.two, None) is None  # S2: from the base, never a registry entry
+        assert (
+            cfg.model.pretrained == {"glm4": "THUDM/glm-4-9b-hf", "glm4_chat": "THUDM/glm-4-9b-chat-hf"}[cfg.model.name]
+        )
+        plans = plan_stages(cfg)
+        assert [s.name for s in plans] == {"s1": ["one"], "s2": ["two"], "full": ["one", "two"]}[cfg.variant]
+        one = plan_stages(compose_config([*overrides, "~variant", "stage=one"]))[0]
+        registry.setdefault((cfg.model.name, cfg.seed), set()).add(
+            reg.entry_path("/r", reg.stage_identity(cfg, "one", one.tasks, "base"))
+        )
+        names.update(run_name(cfg, s.name) for s in plans)
+        if cfg.variant == "s2":
+            assert initial_adapter(cfg, plans[0], {}, []) == (None, "base")  # S2: from the base, never the registry
     assert all(len(paths) == 1 for paths in registry.values())
     assert len({p for paths in registry.values() for p in paths}) == 6
     assert len(names) == 2 * 3 * 4  # s1, s2: one stage; full: two; each W&B run named apart
 
 
 def test_wandb_group_is_per_sweep():
+    from conftest import compose_config
     from hydra.core.hydra_config import HydraConfig
 
-    from mentalglm.sweep import sweep_group, wandb_group
-    from test_config import compose_train
+    from mentalglm.tracking import sweep_group, wandb_group
 
-    cfg = compose_train(["experiment=demo"])
-    assert wandb_group(cfg) == "demo"  # a single run: grouped by experiment
+    cfg = compose_config(["experiment=demo"])
+    assert wandb_group(cfg.experiment_name) == "demo"  # a single run: grouped by experiment
     hydra_cfg = HydraConfig.instance().cfg
     try:
-        multirun = compose_train(["experiment=demo", "hydra.mode=MULTIRUN", "hydra.sweep.dir=/o/multiruns/2026-01-02_03-04-05"])
-        assert wandb_group(multirun) == sweep_group("demo", "/o/multiruns/2026-01-02_03-04-05") == "demo-2026-01-02_03-04-05"
+        multirun = compose_config(
+            ["experiment=demo", "hydra.mode=MULTIRUN", "hydra.sweep.dir=/o/multiruns/2026-01-02_03-04-05"]
+        )
+        assert (
+            wandb_group(multirun.experiment_name)
+            == sweep_group("demo", "/o/multiruns/2026-01-02_03-04-05")
+            == "demo-2026-01-02_03-04-05"
+        )
     finally:
         HydraConfig.instance().cfg = hydra_cfg
 
@@ -285,7 +318,7 @@ def test_ablation_sweep_matches_each_jobs_metrics(run_cli, tmp_path):
     (sweep,) = sweep_dirs(tmp_path)
     jobs = jobs_of(sweep)
     assert sorted(jobs) == ["0", "1", "2"]
-    by_variant = {job_cfg(j).variant.name: j for j in jobs.values()}
+    by_variant = {job_cfg(j).variant: j for j in jobs.values()}
     assert sorted(by_variant) == ["full", "s1", "s2"]
     for job in jobs.values():  # each job: its own config, split, adapter, metrics and results
         assert (job / "test" / "results.md").is_file() and (job / "summary.json").is_file()
@@ -321,12 +354,17 @@ def test_ablation_sweep_matches_each_jobs_metrics(run_cli, tmp_path):
     col = wb_table["columns"].index("SOS-HL-1K F1 mean")
     metrics = {v: json.loads((j / "test" / "metrics.json").read_text()) for v, j in by_variant.items()}
     assert {row[1]: row[col] for row in wb_table["data"]} == {
-        v: round(100 * m["sos_hl_1k"]["f1"], 2) for v, m in metrics.items()}
+        v: round(100 * m["sos_hl_1k"]["f1"], 2) for v, m in metrics.items()
+    }
 
-    # The registry: one stage-one and one stage-two entry for (tiny_glm, seed 42), pointing into this sweep.
+    # The registry: one stage-one entry for (tiny_glm, seed 42), pointing into this sweep (s1 and full train the
+    # same stage one: the later overwrote the earlier), and two stage-two entries (s2 from the base, full from
+    # stage one: two identities).
     registry = tmp_path / "outputs" / "registry" / "tiny_glm" / "seed42"
-    assert sorted(p.name for p in registry.iterdir()) == ["stage_one.json", "stage_two.json"]
-    assert Path(json.loads((registry / "stage_one.json").read_text())["adapter"]).is_relative_to(sweep)
+    assert sorted(p.name for p in registry.iterdir()) == ["stage_one", "stage_two"]
+    (one,) = (registry / "stage_one").glob("*.json")
+    assert len(list((registry / "stage_two").glob("*.json"))) == 2
+    assert Path(json.loads(one.read_text())["adapter"]).is_relative_to(sweep)
 
 
 @pytest.mark.slow
@@ -334,14 +372,21 @@ def test_failed_job_does_not_end_the_sweep_and_is_marked(run_cli, tmp_path):
     """IMHI missing: S1 (stage one on IMHI) fails, S2 still runs; the sweep exits non-zero; a rerun of the
     failed job into its directory and `evaluate.py report=ablation` give the complete table."""
     missing = tmp_path / "no_imhi"
-    proc = run_cli("train.py", *FAST_DEMO, "stages.two.max_epochs=1", "variant=s1,s2", f"data.imhi_dir={missing}",
-                   "-m", check=False)
+    proc = run_cli(
+        "train.py",
+        *FAST_DEMO,
+        "stages.two.max_epochs=1",
+        "variant=s1,s2",
+        f"data.dirs.imhi={missing}",
+        "-m",
+        check=False,
+    )
     assert proc.returncode != 0
     assert "1 of 2 sweep jobs failed" in proc.stderr + proc.stdout
     (sweep,) = sweep_dirs(tmp_path)
     jobs = jobs_of(sweep)
     failed, ok = jobs["0"], jobs["1"]
-    assert job_cfg(failed).variant.name == "s1" and job_cfg(ok).variant.name == "s2"
+    assert job_cfg(failed).variant == "s1" and job_cfg(ok).variant == "s2"
     reason = json.loads((failed / FAILED).read_text())["reason"]
     assert str(missing) in reason and not (failed / "test" / "metrics.json").exists()
     assert "Traceback" in (failed / "train.log").read_text()  # the full reason is in the job's log
@@ -354,7 +399,7 @@ def test_failed_job_does_not_end_the_sweep_and_is_marked(run_cli, tmp_path):
 
     # Rerun the failed job as ablation.md says, with the data found this time, then rebuild the table.
     rerun = next(line for line in md.splitlines() if "rerun:" in line).split("`")[1]
-    args = [a for a in shlex.split(rerun)[2:] if not a.startswith(("data.imhi_dir=", "paths.cache_dir="))]
+    args = [a for a in shlex.split(rerun)[2:] if not a.startswith(("data.dirs.imhi=", "paths.cache_dir="))]
     run_cli("train.py", *args)
     run_cli("evaluate.py", "report=ablation", f"sweep_dir={sweep}")
     rows = table_rows((sweep / "ablation.md").read_text())
@@ -365,13 +410,24 @@ def test_failed_job_does_not_end_the_sweep_and_is_marked(run_cli, tmp_path):
 
 @pytest.mark.slow
 def test_stage_two_seed_sweep_continues_each_seeds_own_stage_one(run_cli, tmp_path):
-    run_cli("train.py", *FAST_DEMO, "stage.max_epochs=1", "~variant", "test=false", "stage=one,two",
-            "seed=1,2", "-m")
+    run_cli(
+        "train.py",
+        *FAST_DEMO,
+        "stages.one.max_epochs=1",
+        "stages.two.max_epochs=1",
+        "~variant",
+        "test=false",
+        "stage=one,two",
+        "seed=1,2",
+        "-m",
+    )
     (sweep,) = sweep_dirs(tmp_path)
-    runs = {(job_cfg(j).stage.name, job_cfg(j).seed): summary_of(j) for j in jobs_of(sweep).values()}
+    runs = {(job_cfg(j).chain[0], job_cfg(j).seed): summary_of(j) for j in jobs_of(sweep).values()}
     assert sorted(runs) == [("one", 1), ("one", 2), ("two", 1), ("two", 2)]
     for seed in (1, 2):
-        assert runs[("two", seed)]["stages"]["two"]["init_adapter"] == runs[("one", seed)]["stages"]["one"]["best_adapter"]
+        assert (
+            runs[("two", seed)]["stages"]["two"]["init_adapter"] == runs[("one", seed)]["stages"]["one"]["best_adapter"]
+        )
     assert runs[("one", 1)]["best_adapter"] != runs[("one", 2)]["best_adapter"]
     assert not (sweep / "ablation.md").exists()  # test=false: nothing to tabulate, and no job failed
 
@@ -380,8 +436,17 @@ def test_stage_two_seed_sweep_continues_each_seeds_own_stage_one(run_cli, tmp_pa
 def test_jobs_in_one_process_release_the_previous_model(run_cli, tmp_path):
     """Job 1 crashes after training, jobs 2 and 3 finish: when each module is built, no earlier module, model
     or optimizer is still alive, collected or not (on a GPU, their memory is free for the next job)."""
-    out = run_driver(run_cli, tmp_path, *FAST_DEMO, "stages.two.max_epochs=1", "variant=s2", "test=false",
-                     "seed=1,2,3", "-m", crash_first=True)
+    out = run_driver(
+        run_cli,
+        tmp_path,
+        *FAST_DEMO,
+        "stages.two.max_epochs=1",
+        "variant=s2",
+        "test=false",
+        "seed=1,2,3",
+        "-m",
+        crash_first=True,
+    )
     assert out["alive_at_build"] == [0, 0, 0] and out["tracked"] >= 9
     (sweep,) = sweep_dirs(tmp_path)
     jobs = jobs_of(sweep)
@@ -394,9 +459,18 @@ def test_jobs_in_one_process_release_the_previous_model(run_cli, tmp_path):
 def test_optuna_search_survives_a_failed_trial_and_reports_val_f1(run_cli, tmp_path):
     """The first trial crashes and returns None (a nan would make the sweeper's second study.tell raise and
     end the search): Optuna counts a failed trial, the next one runs, the best value is the finished trial's."""
-    out = run_driver(run_cli, tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2",
-                     "hydra.sweeper.sampler.n_startup_trials=2", *FAST_DEMO, "stages.two.max_epochs=1",
-                     "variant=s2", "test=false", crash_first=True)
+    out = run_driver(
+        run_cli,
+        tmp_path,
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        *FAST_DEMO,
+        "stages.two.max_epochs=1",
+        "variant=s2",
+        "test=false",
+        crash_first=True,
+    )
     assert out["exit"] is None  # a failed trial is Optuna's FAIL, not the end of the search
     assert out["alive_at_build"] == [0, 0]
     (sweep,) = sweep_dirs(tmp_path)

@@ -2,7 +2,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GlmForCausalLM
 
 from mentalglm.models.tiny import (
-    GLM4_SPECIAL_TOKENS, GLM4_STOP_TOKENS, build_tiny_model, build_tiny_tokenizer, ensure_tiny_checkpoint,
+    GLM4_SPECIAL_TOKENS,
+    GLM4_STOP_TOKENS,
+    build_tiny_model,
+    build_tiny_tokenizer,
+    ensure_tiny_checkpoint,
     stop_token_ids,
 )
 

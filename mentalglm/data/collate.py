@@ -1,26 +1,22 @@
-"""Batch collators: right-padded training, padding-free packed training, left-padded generation."""
+"""Batch collators: right-padded training, padding-free packed training, generation batches."""
 
 from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
-GENERATION_META = ("task", "id", "labels", "aspect", "index", "answer")
+from mentalglm.data.render import IGNORE_INDEX, META_COLUMNS
 
-
-def _round_up(n: int, multiple: int | None) -> int:
-    return n if not multiple else -(-n // multiple) * multiple
+GENERATION_META = (*META_COLUMNS, "index", "answer")
 
 
 class TrainCollator:
     """Right-pads `input_ids` (pad id), `labels` (-100) and builds `attention_mask`."""
 
-    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_id: int):
         self.pad_id = pad_id
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        width = _round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
+        width = max(len(f["input_ids"]) for f in features)
         input_ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(features), width), dtype=torch.long)
@@ -37,7 +33,7 @@ class PackedCollator:
 
     `position_ids` restart at 0 per sample and no `attention_mask` is returned, which is how transformers
     detects packed sequences and keeps samples from attending to each other (sdpa, eager, flash-attn).
-    Only valid with `use_cache=False` (REFERENCE.md §7): with the cache on, samples silently attend
+    Only valid with `use_cache=False`: with the cache on, samples silently attend
     to each other. The first label of every sample is -100 so no sample is trained to predict the next
     sample's first token.
     """
@@ -60,26 +56,13 @@ class PackedCollator:
 
 
 class GenerationCollator:
-    """Left-pads prompt ids for batched generation and passes record metadata through as lists."""
-
-    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None):
-        self.pad_id = pad_id
-        self.pad_to_multiple_of = pad_to_multiple_of
+    """Passes a generation batch through as it was planned (runtime/generation.py `plan_batches`): the prompts'
+    token ids unpadded (generation pads them, once) and the record metadata as lists."""
 
     def __call__(self, features: list[dict]) -> dict:
-        if not features:
-            # The empty batch a data-parallel rank with fewer batches than the others runs (shard_eval_batches).
-            empty = torch.zeros((0, 0), dtype=torch.long)
-            return {"input_ids": empty, "attention_mask": empty.clone(), **{k: [] for k in GENERATION_META}}
-        width = _round_up(max(len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
-        input_ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            input_ids[row, width - n :] = torch.as_tensor(f["input_ids"])
-            attention_mask[row, width - n :] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        # An empty list is the batch a data-parallel rank with fewer batches than the others runs.
+        batch: dict = {"prompts": [list(f["input_ids"]) for f in features]}
         for key in GENERATION_META:
-            if key in features[0]:
+            if not features or key in features[0]:
                 batch[key] = [f[key] for f in features]
         return batch

@@ -3,24 +3,34 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import datasets
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mentalglm.config import DataConfig, as_config, to_dict
 from mentalglm.data.collate import GenerationCollator, PackedCollator, TrainCollator
-from mentalglm.data.io import LoadReport
-from mentalglm.data.render import tokenize_dataset
+from mentalglm.data.io import LoadReport, check_on_error
+from mentalglm.data.render import META_COLUMNS, tokenize_dataset
 from mentalglm.data.sampler import LengthGroupedBatchSampler, ResumableDataLoader
 from mentalglm.data.splits import build_splits, save_split
-from mentalglm.distributed import shard_eval_batches
+from mentalglm.errors import ConfigError
+from mentalglm.runtime.distributed import shard_eval_batches
+from mentalglm.runtime.generation import plan_batches
+from mentalglm.tasks import Task
 
 log = logging.getLogger(__name__)
 
-META_COLUMNS = ("task", "id", "labels", "aspect")
+BATCHING = ("grouped", "random", "packed")
+
+
+def item_key(row: Mapping) -> tuple[str, str, str]:
+    """An evaluation item: ids are unique within a task's split; aspect tasks ask one post per aspect."""
+    return row["task"], str(row["id"]), row.get("aspect") or ""
 
 
 def limit_per_task(records: list[dict], n: int) -> list[dict]:
@@ -38,117 +48,161 @@ class IndexedDataset(Dataset):
     """A tokenized split with each item's position attached, so predictions can be put back in order."""
 
     def __init__(self, ds: datasets.Dataset, columns: tuple[str, ...]):
-        self.ds = ds.with_format(None, columns=list(columns))
-        self.columns = columns
+        self.has_index = "index" in ds.column_names
+        self.ds = ds.with_format(None, columns=list(columns) + (["index"] if self.has_index else []))
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int) -> dict:
         item = dict(self.ds[i])
-        item["index"] = i
+        if not self.has_index:
+            item["index"] = i
         return item
 
 
 class InstructionDataModule(L.LightningDataModule):
+    """The splits of `tasks` (their files: `data.tasks`), tokenized for the model.
+
+    Evaluation splits keep each item's position in the full split as `index`; `skip` (item keys) leaves items
+    out of the evaluation split (those an interrupted evaluation already predicted).
+    """
+
     def __init__(
         self,
         tokenizer,
-        tasks: list[str],
-        specs: Mapping[str, Mapping[str, Any]],
+        tasks: Mapping[str, Task],
+        data: DataConfig | Mapping[str, Any],
         *,
         chat: bool,
-        max_length: int = 1024,
-        batch_size: int = 4,
-        eval_batch_size: int = 32,
-        batching: str = "grouped",
-        bucket_batches: int = 50,
-        num_workers: int = 0,
-        seed: int = 42,
-        on_error: str = "raise",
-        templates: Mapping[str, Any] | None = None,
+        seed: int,
         base_template: str = "{query}\n",
         system: str | None = None,
         cache_dir: str | Path | None = None,
         split_file: str | Path | None = None,
         splits: tuple[str, ...] = ("train", "val", "test"),
         test_split: str = "test",
-        limit_eval: int | None = None,
         shots: int = 0,
+        val_max_pad_fraction: float | None = None,
+        skip: Collection[tuple[str, str, str]] = (),
     ):
         super().__init__()
-        missing = [t for t in tasks if t not in specs]
+        self.data = as_config(DataConfig, data)
+        d = self.data
+        if d.batching not in BATCHING:
+            raise ConfigError(f"data.batching must be one of {', '.join(BATCHING)}, got {d.batching!r}")
+        check_on_error(d.on_error)
+        missing = [t for t in tasks if t not in d.tasks]
         if missing:
-            raise ValueError(f"no data files configured for task(s) {missing}: add them under data.tasks "
-                             f"(configured: {', '.join(specs) or 'none'})")
-        if batching not in ("grouped", "random", "packed"):
-            raise ValueError(f"data.batching must be grouped, random or packed, got {batching!r}")
+            raise ConfigError(
+                f"no data files configured for task(s) {missing}: add them under data.tasks "
+                f"(configured: {', '.join(d.tasks) or 'none'})"
+            )
         self.tokenizer = tokenizer
+        self.task_defs = dict(tasks)
         self.tasks = list(tasks)
-        self.specs = {t: dict(specs[t]) for t in tasks}
-        self.chat, self.max_length, self.batch_size, self.eval_batch_size = chat, max_length, batch_size, eval_batch_size
-        self.batching, self.bucket_batches, self.num_workers, self.seed = batching, bucket_batches, num_workers, seed
-        self.on_error, self.templates = on_error, dict(templates or {})
-        self.base_template, self.system = base_template, system
+        self.chat, self.seed, self.base_template, self.system = chat, seed, base_template, system
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.split_file = Path(split_file) if split_file else None
-        self.splits, self.test_split, self.limit_eval, self.shots = tuple(splits), test_split, limit_eval, shots
+        self.splits, self.test_split, self.shots = tuple(splits), test_split, shots
+        self.val_max_pad_fraction = val_max_pad_fraction
+        self.skip = set(skip)
         self.report = LoadReport()
         self.stats: dict[str, dict] = {}
         self.datasets: dict[str, datasets.Dataset] = {}
         # Gold labels only (no post text) of every split, for the majority-class baseline.
         self.gold: dict[str, list[dict]] = {}
+        # Every item of each evaluation split (after limit_eval), skipped ones included: key -> position.
+        self.item_index: dict[str, dict[tuple, int]] = {}
         self.sampler: LengthGroupedBatchSampler | None = None
         self.train_loader: ResumableDataLoader | None = None
         self._train_state: dict | None = None  # a checkpoint's loader state, applied when the loader is built
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
+        if self.datasets or not self.tasks:
             return
-        splits = build_splits(self.specs, seed=self.seed, on_error=self.on_error, report=self.report,
-                              templates=self.templates)
+        d = self.data
+        specs = {t: to_dict(d.tasks[t]) for t in self.tasks}
+        splits = build_splits(
+            specs,
+            seed=self.seed,
+            on_error=d.on_error,
+            report=self.report,
+            templates=to_dict(d.templates),
+            tasks=self.task_defs,
+            on_leak=d.on_leak,
+        )
         if self.report.total_skipped:
             log.warning("skipped bad items:\n%s", self.report.summary())
         if self.split_file is not None:
             save_split(splits, self.split_file)
-        self.gold = {name: [{"task": r["task"], "labels": r["labels"], "aspect": r.get("aspect") or ""} for r in rows]
-                     for name, rows in splits.items()}
-        render = dict(chat=self.chat, max_length=self.max_length, base_template=self.base_template,
-                      system=self.system, cache_dir=self.cache_dir)
+        self.gold = {
+            name: [{"task": r["task"], "labels": r["labels"], "aspect": r.get("aspect") or ""} for r in rows]
+            for name, rows in splits.items()
+        }
+        render = dict(
+            chat=self.chat,
+            max_length=d.max_length,
+            base_template=self.base_template,
+            system=self.system,
+            cache_dir=self.cache_dir,
+        )
         if self.shots:
             from mentalglm.data.fewshot import add_shots
 
             for name in self.splits:
                 if name != "train":
-                    splits[name] = add_shots(splits[name], splits["train"], self.shots, seed=self.seed)
+                    splits[name] = add_shots(
+                        splits[name], splits["train"], self.shots, seed=self.seed, tasks=self.task_defs
+                    )
         for name, records in splits.items():
             if not records or name not in self.splits:
                 continue
-            if name != "train" and self.limit_eval:
-                records = limit_per_task(records, int(self.limit_eval))
-            raw = datasets.Dataset.from_list(records)
+            if name != "train":
+                if d.limit_eval:
+                    records = limit_per_task(records, int(d.limit_eval))
+                self.item_index[name] = {item_key(r): i for i, r in enumerate(records)}
+                records = [{**r, "index": i} for i, r in enumerate(records) if item_key(r) not in self.skip]
+            raw = datasets.Dataset.from_list(records) if records else None
+            if raw is None:
+                continue
             ds, stats = tokenize_dataset(raw, self.tokenizer, with_answer=(name == "train"), **render)
             self.datasets[name], self.stats[name] = ds, stats
-            log.info("%s: %d items, %d truncated, %d too long (skipped), cache %s", name, stats["n"],
-                     stats["n_truncated"], stats["n_too_long"], "hit" if stats.get("cache_hit") else "miss")
+            log.info(
+                "%s: %d items, %d truncated, %d too long (skipped), cache %s",
+                name,
+                stats["n"],
+                stats["n_truncated"],
+                stats["n_too_long"],
+                "hit" if stats.get("cache_hit") else "miss",
+            )
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
+        d = self.data
         ds = self.datasets["train"]
         data = IndexedDataset(ds, ("input_ids", "labels"))
         lengths = [len(x) for x in ds["input_ids"]]
-        if self.batching == "packed":
-            collate = PackedCollator(self.tokenizer.pad_token_id)
-        else:
-            collate = TrainCollator(self.tokenizer.pad_token_id)
+        collate = PackedCollator() if d.batching == "packed" else TrainCollator(self.tokenizer.pad_token_id)
         rank, world = self._rank_world()
         self.sampler = LengthGroupedBatchSampler(
-            lengths, self.batch_size, bucket_batches=self.bucket_batches if self.batching == "grouped" else 1,
-            shuffle=True, seed=self.seed, num_replicas=world, rank=rank)
+            lengths,
+            d.batch_size,
+            bucket_batches=d.bucket_batches if d.batching == "grouped" else 1,
+            shuffle=True,
+            seed=self.seed,
+            num_replicas=world,
+            rank=rank,
+        )
         # A private generator: creating the iterator then draws nothing from the global RNG, whose state a
         # resumed run restores (RNGStateCallback) and must find where an uninterrupted run had it.
-        loader = ResumableDataLoader(data, batch_sampler=self.sampler, collate_fn=collate, num_workers=self.num_workers,
-                                     generator=torch.Generator().manual_seed(self.seed))
+        loader = ResumableDataLoader(
+            data,
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=d.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
         if self.trainer is not None:
             # The epoch Lightning itself hands samplers: unlike current_epoch it is already right when a restored
             # run builds its first iterator.
@@ -174,18 +228,19 @@ class InstructionDataModule(L.LightningDataModule):
         still), so the sampler's own count runs ahead of what a checkpoint has seen."""
         return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
-    def _eval_loader(self, split: str) -> DataLoader:
-        ds = self.datasets[split]
-        data = IndexedDataset(ds, ("input_ids",) + META_COLUMNS)
-        # Length-sorted batches: left padding stays short and batches finish together.
-        lengths = [len(x) for x in ds["input_ids"]]
-        order = sorted(range(len(ds)), key=lengths.__getitem__)
-        batches = [order[i: i + self.eval_batch_size] for i in range(0, len(order), self.eval_batch_size)]
+    def eval_batches(self, split: str, max_pad_fraction: float | None = None) -> list[list[int]]:
+        """The generation batches of an evaluation split (before sharding across ranks)."""
+        lengths = [len(x) for x in self.datasets[split]["input_ids"]]
+        return plan_batches(lengths, self.data.eval_batch_size, max_pad_fraction)
+
+    def _eval_loader(self, split: str, max_pad_fraction: float | None = None) -> DataLoader:
+        data = IndexedDataset(self.datasets[split], ("input_ids",) + META_COLUMNS)
         # Each rank generates its own batches (the trainers run with use_distributed_sampler=false: Lightning's
         # DistributedSampler would repeat items to even out the ranks and could not wrap this batch list).
-        batches = shard_eval_batches(batches, *self._rank_world())
-        return DataLoader(data, batch_sampler=batches, collate_fn=GenerationCollator(self.tokenizer.pad_token_id),
-                          num_workers=self.num_workers)
+        batches = shard_eval_batches(self.eval_batches(split, max_pad_fraction), *self._rank_world())
+        return DataLoader(
+            data, batch_sampler=batches, collate_fn=GenerationCollator(), num_workers=self.data.num_workers
+        )
 
     def _rank_world(self) -> tuple[int, int]:
         """Data-parallel rank and world size: every process of the run (0 and 1 without a trainer)."""
@@ -194,23 +249,19 @@ class InstructionDataModule(L.LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
+        return self._eval_loader("val", self.val_max_pad_fraction)
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self.test_split)
 
-    def has_split(self, split: str) -> bool:
-        return split in self.datasets
-
     def majority_baseline(self, eval_rows: list[dict]) -> dict[str, dict]:
         """Per metric key: the metrics of always answering each task's most frequent training label set,
         scored on `eval_rows` (dicts with task, labels, aspect: e.g. the gold side of the predictions)."""
-        from mentalglm.eval.metrics import majority_baseline
-        from mentalglm.tasks import get_task
+        from mentalglm.scoring.metrics import majority_baseline
 
         out: dict[str, dict] = {}
         for name in self.tasks:
             train = [r for r in self.gold.get("train", []) if r["task"] == name]
             rows = [r for r in eval_rows if r["task"] == name]
-            out.update(majority_baseline(get_task(name, self.templates.get(name)), train, rows))
+            out.update(majority_baseline(self.task_defs[name], train, rows))
         return out

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Mapping
 
-SHOT_HEADER = {"c_imhi": "示例{i}：\n{query}\n{answer}\n\n", "imhi": "Example {i}:\n{query}\n{answer}\n\n"}
+from mentalglm.errors import ConfigError
+from mentalglm.tasks import Task
+
+SHOT_HEADER = {"zh": "示例{i}：\n{query}\n{answer}\n\n", "en": "Example {i}:\n{query}\n{answer}\n\n"}
 
 
-def add_shots(records: list[dict], pool: list[dict], k: int, *, seed: int) -> list[dict]:
+def add_shots(records: list[dict], pool: list[dict], k: int, *, seed: int, tasks: Mapping[str, Task]) -> list[dict]:
     """Prefix each record's query with k solved examples of the same task drawn from `pool` (the train split).
 
     The post span is shifted, so truncation still cuts only the target post. The same seed draws the same
     examples; an item is never its own example.
     """
-    from mentalglm.tasks import get_task
-
     by_task: dict[str, list[dict]] = defaultdict(list)
     for r in pool:
         by_task[r["task"]].append(r)
@@ -24,10 +26,12 @@ def add_shots(records: list[dict], pool: list[dict], k: int, *, seed: int) -> li
     for r in records:
         candidates = [x for x in by_task[r["task"]] if x["id"] != r["id"]]
         if len(candidates) < k:
-            raise ValueError(f"shots={k} but task {r['task']} has only {len(candidates)} training examples")
-        header = SHOT_HEADER[get_task(r["task"]).group]
-        prefix = "".join(header.format(i=i + 1, query=x["query"], answer=x["answer"])
-                         for i, x in enumerate(rng.sample(candidates, k)))
+            raise ConfigError(f"shots={k} but task {r['task']} has only {len(candidates)} training examples")
+        header = SHOT_HEADER[tasks[r["task"]].language]
+        prefix = "".join(
+            header.format(i=i + 1, query=x["query"], answer=x["answer"])
+            for i, x in enumerate(rng.sample(candidates, k))
+        )
         shift = len(prefix)
         span = (r["post_start"] + shift, r["post_end"] + shift) if r["post_start"] >= 0 else (-1, -1)
         out.append({**r, "query": prefix + r["query"], "post_start": span[0], "post_end": span[1]})

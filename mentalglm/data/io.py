@@ -7,18 +7,31 @@ count each skipped item in a `LoadReport` instead: nothing is dropped silently.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mentalglm.errors import UserError
+
 ON_ERROR = ("raise", "skip")
+# A UTF-8 Chinese character is 3 bytes; a GBK line that happens to read as UTF-8 almost never yields one.
+_CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff]")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input data. `reason` is short and stable (it is the skip-count key); `detail` adds the values."""
 
-    def __init__(self, file, reason: str, *, line: int | None = None, field: str | None = None,
-                 detail: str = "", offset: int | None = None):
+    def __init__(
+        self,
+        file,
+        reason: str,
+        *,
+        line: int | None = None,
+        field: str | None = None,
+        detail: str = "",
+        offset: int | None = None,
+    ):
         self.file, self.line, self.field = str(file), line, field
         self.reason, self.detail, self.offset = reason, detail, offset
         where = self.file
@@ -47,8 +60,9 @@ class LoadReport:
         return sum(self.skipped.values())
 
     def summary(self) -> str:
-        lines = [f"loaded {sum(self.loaded.values())} items from {len(self.loaded)} files, "
-                 f"skipped {self.total_skipped}"]
+        lines = [
+            f"loaded {sum(self.loaded.values())} items from {len(self.loaded)} files, skipped {self.total_skipped}"
+        ]
         for (file, reason), n in sorted(self.skipped.items()):
             lines.append(f"  skipped {n:>5}  {file}: {reason}  e.g. {self.examples[(file, reason)]}")
         return "\n".join(lines)
@@ -72,6 +86,16 @@ def _line_of(raw: bytes, offset: int) -> int:
 
 
 def _decode(raw: bytes, path) -> str:
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 with its byte-order mark (Excel's "Unicode text")
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise DataError(
+                path,
+                "undecodable bytes",
+                line=raw[: e.start].count(b"\n\x00") + 1,
+                detail=f"byte offset {e.start} is not valid UTF-16",
+            ) from None
     if raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
         try:
@@ -80,26 +104,65 @@ def _decode(raw: bytes, path) -> str:
             raise _undecodable(path, raw, e.start, "utf-8", skipped_bom=3) from None
     try:
         return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        utf8_err = e
-    # Whole earlier lines with non-ASCII text that read as UTF-8 mean a UTF-8 file with a bad byte
-    # (GB18030 would "decode" it into garbage), so report the byte. A GBK line almost never reads as
-    # UTF-8 to its end, though a few GBK bytes can (hence whole lines, not a prefix).
-    line_start = raw.rfind(b"\n", 0, utf8_err.start) + 1
-    if any(b >= 0x80 for b in raw[:line_start]):
-        raise _undecodable(path, raw, utf8_err.start, "utf-8") from None
+    except UnicodeDecodeError:
+        pass
+    # Not UTF-8 as a whole: read each line with non-ASCII bytes. The file's encoding is its first such line's;
+    # a line of the other encoding is refused (GB18030 would "decode" a UTF-8 line into mojibake), a line
+    # neither reads is reported at its first bad byte.
+    lines = raw.split(b"\n")
+    kinds = [_line_encoding(line) for line in lines]
+    chosen = next((k for k in kinds if k not in (None, "bad")), "utf-8")
+    start = 0
+    for i, (line, kind) in enumerate(zip(lines, kinds)):
+        if kind == "bad":
+            try:
+                line.decode(chosen)
+                offset = 0
+            except UnicodeDecodeError as e:
+                offset = e.start
+            raise _undecodable(path, raw, start + offset, chosen)
+        if kind is not None and kind != chosen:
+            raise DataError(path, "mixed encodings", line=i + 1,
+                            detail=f"this line is {kind} but line {kinds.index(chosen) + 1} is {chosen}; save the "
+                                   "file in one encoding (UTF-8)")
+        start += len(line) + 1
+    return raw.decode(chosen)
+
+
+def _line_encoding(line: bytes) -> str | None:
+    """None for ASCII; else utf-8 or gb18030 (a line both read is UTF-8 only when it reads as Chinese), or bad."""
+    if all(b < 0x80 for b in line):
+        return None
+    utf8, gb = _decodes(line, "utf-8"), _decodes(line, "gb18030")
+    if utf8 and (not gb or _reads_as_utf8_chinese(line)):
+        return "utf-8"
+    return "gb18030" if gb else "bad"
+
+
+def _decodes(line: bytes, encoding: str) -> bool:
     try:
-        return raw.decode("gb18030")
-    except UnicodeDecodeError as e:
-        # Neither fits: the encoding that read further is the likelier intent.
-        start, enc = max((utf8_err.start, "utf-8"), (e.start, "gb18030"))
-        raise _undecodable(path, raw, start, enc) from None
+        line.decode(encoding)
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _reads_as_utf8_chinese(line: bytes) -> bool:
+    try:
+        return bool(_CJK.search(line.decode("utf-8")))
+    except UnicodeDecodeError:
+        return False
 
 
 def _undecodable(path, raw: bytes, offset: int, encoding: str, skipped_bom: int = 0) -> DataError:
-    return DataError(path, "undecodable bytes", line=_line_of(raw, offset), offset=offset + skipped_bom,
-                     detail=f"byte offset {offset + skipped_bom} (0x{raw[offset]:02x}) is not valid {encoding}; "
-                            "expected UTF-8 or GB18030/GBK")
+    return DataError(
+        path,
+        "undecodable bytes",
+        line=_line_of(raw, offset),
+        offset=offset + skipped_bom,
+        detail=f"byte offset {offset + skipped_bom} (0x{raw[offset]:02x}) is not valid {encoding}; "
+        "expected UTF-8 or GB18030/GBK",
+    )
 
 
 def _decode_lines(raw: bytes, path, report: LoadReport | None) -> str:
@@ -118,21 +181,26 @@ def _decode_lines(raw: bytes, path, report: LoadReport | None) -> str:
     out = []
     for i, line in enumerate(lines):
         try:
+            if enc == "gb18030" and _reads_as_utf8_chinese(line):
+                # Valid GB18030 too, but only as mojibake: skipped and counted, never read as garbage.
+                raise UnicodeDecodeError(enc, line, 0, 1, "a UTF-8 line in a GB18030 file")
             out.append(line.decode(enc))
         except UnicodeDecodeError as e:
             out.append("")
-            err = DataError(path, "undecodable bytes", line=i + 1,
-                            detail=f"byte {e.start} of the line is not valid {enc}")
+            err = DataError(
+                path, "undecodable bytes", line=i + 1, detail=f"byte {e.start} of the line is not valid {enc}"
+            )
             if report is not None:
                 report.skip(err)
     return "\n".join(out)
 
 
-def read_text(path, *, on_error: str = "raise", report: LoadReport | None = None) -> str:
-    """Read a text file as UTF-8 (BOM stripped) or GB18030/GBK, with LF line ends.
+def read_text(path, *, on_error: str = "raise", report: LoadReport | None = None, newlines: bool = True) -> str:
+    """Read a text file as UTF-8 (BOM stripped) or GB18030/GBK; `newlines`: CRLF becomes LF (the loaders pass
+    False and let each format split lines, so quoted fields keep their line breaks exactly as written).
 
-    Raises DataError for an empty file and for undecodable bytes (naming line and byte offset);
-    with on_error="skip" undecodable lines are blanked and counted instead.
+    Raises DataError for an empty file, for undecodable bytes (naming line and byte offset) and for a file of
+    mixed encodings; with on_error="skip" undecodable lines are blanked and counted instead.
     """
     check_on_error(on_error)
     path = Path(path)
@@ -145,7 +213,7 @@ def read_text(path, *, on_error: str = "raise", report: LoadReport | None = None
     try:
         text = _decode(raw, path)
     except DataError:
-        if on_error == "raise":
+        if on_error == "raise" or raw.startswith((b"\xff\xfe", b"\xfe\xff")):
             raise
         text = _decode_lines(raw, path, report)
-    return text.replace("\r\n", "\n")
+    return text.replace("\r\n", "\n") if newlines else text

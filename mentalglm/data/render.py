@@ -19,8 +19,8 @@ IGNORE_INDEX = -100
 DEFAULT_BASE_TEMPLATE = "{query}\n"
 # Bump when rendering changes, so cached tokenized datasets are not reused.
 RENDER_VERSION = 1
-# Record columns carried through tokenization (gold `labels` becomes `label_names` when the token
-# `labels` column takes its name, i.e. for training data).
+# Record columns carried through tokenization and into generation batches (gold `labels` becomes
+# `label_names` when the token `labels` column takes its name, i.e. for training data).
 META_COLUMNS = ("task", "id", "labels", "aspect")
 
 
@@ -34,9 +34,11 @@ def _messages(query: str, system: str | None, answer: str | None = None) -> list
 
 def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
     # transformers 5 returns a BatchEncoding unless return_dict=False.
-    return list(tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
-    ))
+    return list(
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+        )
+    )
 
 
 def auto_prefix(tokenizer) -> list[int]:
@@ -88,7 +90,7 @@ def _render(tokenizer, query: str, answer: str | None, *, chat, base_template, s
         full = _chat_ids(tokenizer, _messages(query, system, answer), add_generation_prompt=False)
         if full[: len(prompt)] != prompt:
             raise ValueError("chat template: the generation prompt is not a prefix of the rendered conversation")
-        answer_ids = full[len(prompt):]
+        answer_ids = full[len(prompt) :]
     else:
         answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
     # One end token so the model learns to stop; templates with an end-of-turn token already wrote it.
@@ -168,8 +170,15 @@ def _encode_batch(batch: dict, *, tokenizer, chat, max_length, base_template, sy
     for i in range(n):
         record = {k: v[i] for k, v in batch.items()}
         try:
-            enc = encode_example(tokenizer, record, chat=chat, max_length=max_length, base_template=base_template,
-                                 system=system, with_answer=with_answer)
+            enc = encode_example(
+                tokenizer,
+                record,
+                chat=chat,
+                max_length=max_length,
+                base_template=base_template,
+                system=system,
+                with_answer=with_answer,
+            )
         except ValueError:
             continue  # counted by the caller as too long (output has fewer rows than input)
         out["input_ids"].append(enc["input_ids"])
@@ -209,8 +218,14 @@ def tokenize_dataset(
     Records that cannot fit are dropped and counted in stats["n_too_long"].
     """
     t0 = time.perf_counter()
-    options = dict(chat=chat, max_length=max_length, base_template=base_template, system=system,
-                   with_answer=with_answer, v=RENDER_VERSION)
+    options = dict(
+        chat=chat,
+        max_length=max_length,
+        base_template=base_template,
+        system=system,
+        with_answer=with_answer,
+        v=RENDER_VERSION,
+    )
     key = json.dumps([ds._fingerprint, tokenizer_fingerprint(tokenizer), options], sort_keys=True)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache_file = None
@@ -225,8 +240,14 @@ def tokenize_dataset(
         _encode_batch,
         batched=True,
         batch_size=256,
-        fn_kwargs=dict(tokenizer=tokenizer, chat=chat, max_length=max_length, base_template=base_template,
-                       system=system, with_answer=with_answer),
+        fn_kwargs=dict(
+            tokenizer=tokenizer,
+            chat=chat,
+            max_length=max_length,
+            base_template=base_template,
+            system=system,
+            with_answer=with_answer,
+        ),
         remove_columns=ds.column_names,
         new_fingerprint=fingerprint,  # hashing the tokenizer through fn_kwargs is slow and unstable
         cache_file_name=str(cache_file) if cache_file else None,

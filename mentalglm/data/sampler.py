@@ -35,8 +35,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         if isinstance(lengths, Sampler):
             # What Lightning does to a batch sampler when use_distributed_sampler=True: it would pass its
             # DistributedSampler as `lengths` and silently train on wrong batches.
-            raise TypeError("LengthGroupedBatchSampler shards batches itself (num_replicas/rank): run the Trainer "
-                            "with use_distributed_sampler=false, as conf/trainer/*.yaml do")
+            raise TypeError(
+                "LengthGroupedBatchSampler shards batches itself (num_replicas/rank): run the Trainer "
+                "with use_distributed_sampler=false, as conf/trainer/*.yaml do"
+            )
         if batch_size < 1 or bucket_batches < 1:
             raise ValueError("batch_size and bucket_batches must be >= 1")
         self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
@@ -81,7 +83,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def rank_batches(self) -> list[list[int]]:
         """This rank's micro-batches of the current epoch (all of them in a single process)."""
-        from mentalglm.distributed import shard_train_batches
+        from mentalglm.runtime.distributed import shard_train_batches
 
         batches = self.batches()
         return batches if self.num_replicas == 1 else shard_train_batches(batches, self.rank, self.num_replicas)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mentalglm.data.collate import IGNORE_INDEX
+from mentalglm.data.render import IGNORE_INDEX
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -43,7 +43,7 @@ def _causal_lm_class(model: nn.Module) -> type:
 
 
 def logits_selection(model: nn.Module) -> str:
-    """"mask", "positions" or "all": see the module docstring."""
+    """ "mask", "positions" or "all": see the module docstring."""
     cls = _causal_lm_class(model)
     if "logits_to_keep" not in inspect.signature(cls.forward).parameters:
         return "all"
@@ -82,7 +82,9 @@ def supervised_loss(model: nn.Module, batch: dict, selection: str) -> torch.Tens
     else:
         raise ValueError(f"logits selection must be 'mask', 'positions' or 'all', got {selection!r}")
     if logits.shape[0] != targets.shape[0]:
-        raise RuntimeError(f"{type(model).__name__} returned logits for {logits.shape[0]} positions, expected "
-                           f"{targets.shape[0]} (logits_to_keep={selection!r} not understood by this model)")
+        raise RuntimeError(
+            f"{type(model).__name__} returned logits for {logits.shape[0]} positions, expected "
+            f"{targets.shape[0]} (logits_to_keep={selection!r} not understood by this model)"
+        )
     # fp32 like transformers' own loss: bf16 log-softmax over 150k ids loses precision.
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)

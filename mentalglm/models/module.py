@@ -4,65 +4,84 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from mentalglm.distributed import gather_rows, gathered_for_generation, shard_model
-from mentalglm.errors import ConfigError
-from mentalglm.eval.generation import generate
-from mentalglm.eval.metrics import TaskMetrics, mean_f1
-from mentalglm.eval.parsing import parse_labels
+from mentalglm.config import GenerationConfig, LoraConfig, ModelConfig, OptimizerConfig, as_config, to_dict
+from mentalglm.errors import CheckpointError, ConfigError, NumericsError
 from mentalglm.models.loading import apply_lora, count_parameters, load_base_model
 from mentalglm.models.loss import logits_selection, supervised_loss, supervised_positions
-from mentalglm.tasks import get_task
-from mentalglm.throughput import FlopSpec, batch_samples, sample_lengths
+from mentalglm.runtime.distributed import gather_rows, gathered_for_generation, shard_model
+from mentalglm.runtime.generation import generate_batch
+from mentalglm.runtime.throughput import FlopSpec, batch_samples, sample_lengths
+from mentalglm.scoring.metrics import mean_f1
+from mentalglm.scoring.score import score
+from mentalglm.tasks import TASKS, Task
 
 log = logging.getLogger(__name__)
 
+SCHEDULERS = ("linear", "cosine", "constant")
+# Rows of validation and test: what the model answered for each item, before scoring.
+ROW_FIELDS = ("task", "id", "index", "aspect", "output", "gold_labels")
 
-class NonFiniteLossError(RuntimeError):
-    pass
+# Kept as an alias: the name under which training code and tests have caught divergence.
+NonFiniteLossError = NumericsError
 
 
 class MentalGLMModule(L.LightningModule):
     """Wraps `AutoModelForCausalLM` + peft LoRA.
 
     The model is built in `configure_model` (not `__init__`) so that sharded strategies can build it on the
-    right device, and checkpoints hold only trainable (adapter) weights.
+    right device, and checkpoints hold only trainable (adapter) weights. No hyper-parameters are saved into
+    checkpoints (the run directory's config holds them): nothing a user put in the config travels with a
+    checkpoint except the identity it is checked against.
     """
 
     def __init__(
         self,
-        model: Mapping[str, Any],
-        lora: Mapping[str, Any],
-        optimizer: Mapping[str, Any],
-        generation: Mapping[str, Any],
-        tasks: list[str],
-        templates: Mapping[str, Any] | None = None,
+        model: ModelConfig | Mapping[str, Any],
+        lora: LoraConfig | Mapping[str, Any] | None,
+        optimizer: OptimizerConfig | Mapping[str, Any],
+        generation: GenerationConfig | Mapping[str, Any],
+        tasks: Mapping[str, Task] | list[str],
+        *,
+        tokenizer=None,
         init_adapter: str | None = None,
         merge_init_adapter: bool = False,
         cache_dir: str = ".cache",
-        tokenizer=None,
         max_bad_steps: int = 20,
+        keep_inputs: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"])
+        self.model_cfg = as_config(ModelConfig, model)
+        self.lora_cfg = as_config(LoraConfig, lora) if lora is not None else None
+        self.optimizer_cfg = as_config(OptimizerConfig, optimizer)
+        self.generation_cfg = as_config(GenerationConfig, generation)
+        if self.optimizer_cfg.scheduler not in SCHEDULERS:
+            raise ConfigError(
+                f"optimizer.scheduler must be one of {', '.join(SCHEDULERS)}, got {self.optimizer_cfg.scheduler!r}"
+            )
+        if self.optimizer_cfg.lr <= 0 or not 0 <= self.optimizer_cfg.warmup_ratio < 1:
+            raise ConfigError(
+                f"optimizer.lr must be > 0 and optimizer.warmup_ratio in [0, 1); got lr="
+                f"{self.optimizer_cfg.lr}, warmup_ratio={self.optimizer_cfg.warmup_ratio}"
+            )
+        self.tasks = dict(tasks) if isinstance(tasks, Mapping) else {n: TASKS[n] for n in tasks}
         self.tokenizer = tokenizer
+        self.init_adapter, self.merge_init_adapter = init_adapter, merge_init_adapter
+        self.cache_dir, self.max_bad_steps, self.keep_inputs = cache_dir, max_bad_steps, keep_inputs
         self.model: nn.Module | None = None
-        self.tasks = {name: get_task(name, (templates or {}).get(name)) for name in tasks}
-        # ModuleDict so metric states move with the module and sync across ranks.
-        self.val_metrics = nn.ModuleDict({n: TaskMetrics(t) for n, t in self.tasks.items()})
-        self.test_metrics = nn.ModuleDict({n: TaskMetrics(t) for n, t in self.tasks.items()})
         self.test_predictions: list[dict] = []
+        self.test_results: dict[str, dict] = {}
+        self._val_rows: list[dict] = []
         self.strict_loading = False  # checkpoints carry adapter weights only
         self.bad_steps = 0
         self.bad_steps_total = 0
-        self.keep_inputs = False  # evaluate.py save_inputs=true: write prompts (with posts) to predictions
         # Read by Lightning's ThroughputMonitor after each batch (MFU where the device's peak is known).
         self.flops_per_batch: int | None = None
         self._flop_spec: FlopSpec | None = None
@@ -72,15 +91,13 @@ class MentalGLMModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        base = load_base_model(self.hparams.model, self.hparams.cache_dir)
-        if self.hparams.lora is None and not self.hparams.init_adapter:
+        base = load_base_model(self.model_cfg, self.cache_dir)
+        if self.lora_cfg is None and not self.init_adapter:
             self.model = base  # zero/few-shot baseline: the plain model
         else:
-            self.model = apply_lora(base, self.hparams.lora or {}, self.hparams.init_adapter,
-                                    self.hparams.merge_init_adapter)
+            self.model = apply_lora(base, self.lora_cfg, self.init_adapter, self.merge_init_adapter)
             trainable, total = count_parameters(self.model)
-            log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}",
-                     100 * trainable / total)
+            log.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
         if self.device_mesh is not None:
             # trainer=fsdp (Lightning's ModelParallelStrategy): FSDP2 is applied here, after LoRA is in place.
             shard_model(self.model, self.device_mesh)
@@ -109,8 +126,7 @@ class MentalGLMModule(L.LightningModule):
         # Batches differ in length, so the FLOPs are counted per batch (real tokens only: padding is waste).
         if self._flop_spec is None:
             self._flop_spec = FlopSpec.from_model(self.model)
-        self.flops_per_batch = self._flop_spec.train_flops(
-            sample_lengths(batch), supervised_positions(batch["labels"]))
+        self.flops_per_batch = self._flop_spec.train_flops(sample_lengths(batch), supervised_positions(batch["labels"]))
 
     def on_validation_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self.flops_per_batch = None  # generation: no MFU (a training batch's count would be wrong here)
@@ -123,25 +139,35 @@ class MentalGLMModule(L.LightningModule):
         self.bad_steps += 1
         self.bad_steps_total += 1
         self.log("train/non_finite_steps", float(self.bad_steps_total), on_step=True)
-        log.warning("non-finite loss (%s) at step %d: step skipped (%d in a row)", loss.item(), self.global_step,
-                    self.bad_steps)
-        if self.bad_steps >= self.hparams.max_bad_steps:
-            raise NonFiniteLossError(
+        log.warning(
+            "non-finite loss (%s) at step %d: step skipped (%d in a row)", loss.item(), self.global_step, self.bad_steps
+        )
+        if self.bad_steps >= self.max_bad_steps:
+            raise NumericsError(
                 f"{self.bad_steps} consecutive non-finite losses. Likely fp16 overflow: use "
                 "trainer.precision=bf16-mixed where the GPU supports it, keep 16-mixed (with loss scaling) rather "
-                "than pure fp16, or lower optimizer.lr.")
+                "than pure fp16, or lower optimizer.lr."
+            )
         return None  # Lightning skips backward and the optimizer step
 
     def configure_optimizers(self):
-        from transformers import get_linear_schedule_with_warmup
+        from transformers import (
+            get_constant_schedule_with_warmup,
+            get_cosine_schedule_with_warmup,
+            get_linear_schedule_with_warmup,
+        )
 
-        cfg = self.hparams.optimizer
+        cfg = self.optimizer_cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=float(cfg["lr"]), weight_decay=float(cfg.get("weight_decay", 0.0)),
-                                betas=tuple(cfg.get("betas", (0.9, 0.999))))
+        opt = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay), betas=tuple(cfg.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = math.ceil(float(cfg.get("warmup_ratio", 0.01)) * total)
-        sched = get_linear_schedule_with_warmup(opt, warmup, total)
+        warmup = math.ceil(float(cfg.warmup_ratio) * total)
+        if cfg.scheduler == "constant":
+            sched = get_constant_schedule_with_warmup(opt, warmup)
+        elif cfg.scheduler == "cosine":
+            sched = get_cosine_schedule_with_warmup(opt, warmup, total)
+        else:
+            sched = get_linear_schedule_with_warmup(opt, warmup, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
@@ -151,22 +177,30 @@ class MentalGLMModule(L.LightningModule):
         bad = [k for k, v in state.items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
         if bad:
             # Raised before anything is written: the last checkpoint on disk stays the last good one.
-            raise NonFiniteLossError(
+            raise NumericsError(
                 f"adapter weights became non-finite at step {self.global_step} ({len(bad)} tensors, e.g. {bad[0]}); "
                 "refusing to write a checkpoint. Likely fp16 overflow: use trainer.precision=bf16-mixed where the "
                 "GPU supports it, or 16-mixed (loss scaling) rather than 16-true, or lower optimizer.lr; then "
-                "resume=true continues from the last good checkpoint.")
+                "resume=true continues from the last good checkpoint."
+            )
         checkpoint["state_dict"] = state
-        checkpoint["mentalglm"] = {**self._checkpoint_identity(), "shapes": {k: list(v.shape) for k, v in state.items()},
-                                   "tasks": list(self.tasks), "non_finite_steps": self.bad_steps_total,
-                                   "fsdp": self.device_mesh is not None}  # whose optimizer-state layout
+        checkpoint["mentalglm"] = {
+            **self._checkpoint_identity(),
+            "shapes": {k: list(v.shape) for k, v in state.items()},
+            "tasks": list(self.tasks),
+            "non_finite_steps": self.bad_steps_total,
+            "fsdp": self.device_mesh is not None,
+        }  # whose optimizer-state layout
 
     def _checkpoint_identity(self) -> dict:
-        lora = self.hparams.lora or {}
-        targets = lora.get("target_modules")
-        return {"base": str(self.hparams.model.get("pretrained") or self.hparams.model.get("name")),
-                "lora_r": lora.get("r"), "lora_alpha": lora.get("alpha"),
-                "target_modules": targets if isinstance(targets, str) or targets is None else sorted(targets)}
+        lora = self.lora_cfg
+        targets = lora.target_modules if lora is not None else None
+        return {
+            "base": str(self.model_cfg.pretrained or self.model_cfg.name),
+            "lora_r": lora.r if lora else None,
+            "lora_alpha": lora.alpha if lora else None,
+            "target_modules": targets if isinstance(targets, str) or targets is None else sorted(targets),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another base model or LoRA shape, naming the difference (Lightning's own
@@ -175,17 +209,22 @@ class MentalGLMModule(L.LightningModule):
         if meta is None:
             return
         mine = self._checkpoint_identity()
-        problems = [f"{key} {meta[key]!r} (this run: {mine[key]!r})" for key in mine
-                    if meta.get(key) is not None and meta[key] != mine[key]]
+        problems = [
+            f"{key} {meta[key]!r} (this run: {mine[key]!r})"
+            for key in mine
+            if meta.get(key) is not None and meta[key] != mine[key]
+        ]
         shapes = {f"model.{n}": list(p.shape) for n, p in self.model.named_parameters() if p.requires_grad}
         for key, shape in (meta.get("shapes") or {}).items():
             if key.startswith("model.") and shapes.get(key, shape) != shape:
                 problems.append(f"{key} has shape {shape} (this run: {shapes[key]})")
                 break
         if problems:
-            raise ConfigError(f"the checkpoint does not fit this run: it was trained with {'; '.join(problems)}. "
-                              "Use the model and lora settings it was trained with, or start without "
-                              "ckpt_path/resume")
+            raise CheckpointError(
+                f"the checkpoint does not fit this run: it was trained with {'; '.join(problems)}. "
+                "Use the model and lora settings it was trained with, or start without "
+                "ckpt_path/resume"
+            )
         self.bad_steps_total = int(meta.get("non_finite_steps", 0))
 
     def save_adapter(self, path: str | Path, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -193,67 +232,60 @@ class MentalGLMModule(L.LightningModule):
         self.model.save_pretrained(str(path), safe_serialization=True, state_dict=state)
 
     # ------------------------------------------------------------------ generation-based evaluation
-    def _generate(self, batch: dict, *, full: bool) -> list[str]:
-        cfg = self.hparams.generation
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-        stop = [] if full else list(cfg.get("val_stop_strings", []))
-        max_new = int(cfg["max_new_tokens"] if full else cfg["val_max_new_tokens"])
-        pad = None if full else cfg.get("val_max_pad_fraction")
+    def generate_texts(self, prompts: list[list[int]], *, full: bool) -> list[str]:
+        """One planned batch of prompts: full answers (test) or the label sentence only (validation)."""
+        cfg = self.generation_cfg
+        stop = [] if full else list(cfg.val_stop_strings)
+        max_new = int(cfg.max_new_tokens if full else cfg.val_max_new_tokens)
         # Entered on every rank for every batch, empty ones included (it is a collective on sharded models).
         with gathered_for_generation(self.model, self.trainer.strategy if self._trainer is not None else None):
-            return generate(self.model, self.tokenizer, prompts, batch_size=len(prompts), max_new_tokens=max_new,
-                            stop_strings=stop, max_pad_fraction=pad)
+            return generate_batch(self.model, self.tokenizer, prompts, max_new_tokens=max_new, stop_strings=stop)
 
-    def _score(self, batch: dict, texts: list[str], metrics: nn.ModuleDict) -> list[dict]:
+    def _rows(self, batch: dict, texts: list[str]) -> list[dict]:
         rows = []
-        by_task: dict[str, list[int]] = defaultdict(list)
-        for i, task_name in enumerate(batch["task"]):
-            by_task[task_name].append(i)
-        for task_name, idx in by_task.items():
-            task = self.tasks[task_name]
-            parsed = [parse_labels(task, texts[i]) for i in idx]
-            metrics[task_name].update([p.labels for p in parsed], [list(batch["labels"][i]) for i in idx],
-                                      [p.parsed for p in parsed], [batch["aspect"][i] for i in idx])
-            for i, p in zip(idx, parsed):
-                rows.append({"task": task_name, "id": batch["id"][i], "index": int(batch["index"][i]),
-                             "output": texts[i], "gold_labels": list(batch["labels"][i]),
-                             "pred_labels": p.labels, "parsed": p.parsed, "aspect": batch["aspect"][i]})
-                if self.keep_inputs:
-                    prompt = batch["input_ids"][i][batch["attention_mask"][i].bool()]
-                    rows[-1]["query"] = self.tokenizer.decode(prompt, skip_special_tokens=True)
+        for i, text in enumerate(texts):
+            rows.append(
+                {
+                    "task": batch["task"][i],
+                    "id": batch["id"][i],
+                    "index": int(batch["index"][i]),
+                    "aspect": batch["aspect"][i],
+                    "output": text,
+                    "gold_labels": list(batch["labels"][i]),
+                }
+            )
+            if self.keep_inputs:
+                rows[-1]["query"] = self.tokenizer.decode(batch["prompts"][i], skip_special_tokens=True)
         return rows
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._score(batch, self._generate(batch, full=False), self.val_metrics)
+        self._val_rows.extend(self._rows(batch, self.generate_texts(batch["prompts"], full=False)))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows = []
 
     def on_validation_epoch_end(self) -> None:
-        results = self._compute(self.val_metrics)
+        # Every rank generated its own batches: gather the rows, then every rank scores all of them alike.
+        _, results = score(gather_rows(self._val_rows), self._eval_tasks())
+        self._val_rows = []
         self._log_results("val", results)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.test_predictions.extend(self._score(batch, self._generate(batch, full=True), self.test_metrics))
+        self.test_predictions.extend(self._rows(batch, self.generate_texts(batch["prompts"], full=True)))
 
     def on_test_epoch_start(self) -> None:
         self.test_predictions = []
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = self._compute(self.test_metrics)
-        self._log_results("test", self.test_results)
         # Each rank predicted its own batches: every rank gets all rows (the writers sort them by index).
-        self.test_predictions = gather_rows(self.test_predictions)
+        self.test_predictions, self.test_results = score(gather_rows(self.test_predictions), self._eval_tasks())
+        self._log_results("test", self.test_results)
 
-    def _compute(self, metrics: nn.ModuleDict) -> dict[str, dict]:
-        # The datamodule's task list is the same on every rank; "tasks with updates" may not be, and a
-        # compute() (which syncs across ranks) called on only some ranks would hang.
-        dm = getattr(self.trainer, "datamodule", None)
-        names = [n for n in (dm.tasks if dm is not None else metrics.keys()) if n in metrics]
-        results: dict[str, dict] = {}
-        for name in names:
-            results.update(metrics[name].compute())
-        for m in metrics.values():
-            m.reset()
-        return results
+    def _eval_tasks(self) -> dict[str, Task]:
+        """The tasks of the datamodule being evaluated, in its order (metrics keep the report order)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        names = [n for n in dm.tasks if n in self.tasks] if dm is not None else list(self.tasks)
+        return {n: self.tasks[n] for n in names}
 
     def _log_results(self, prefix: str, results: dict[str, dict]) -> None:
         for key, values in results.items():
@@ -262,3 +294,12 @@ class MentalGLMModule(L.LightningModule):
                     self.log(f"{prefix}/{key}/{metric}", float(values[metric]), sync_dist=False)
         if results:
             self.log(f"{prefix}/f1_mean", float(mean_f1(results)), prog_bar=True, sync_dist=False)
+
+    def hyperparameters(self) -> dict:
+        """The module's settings as plain data (for reports; never written into checkpoints)."""
+        return {
+            "model": to_dict(self.model_cfg),
+            "lora": to_dict(self.lora_cfg) if self.lora_cfg else None,
+            "optimizer": to_dict(self.optimizer_cfg),
+            "generation": to_dict(self.generation_cfg),
+        }

@@ -47,15 +47,21 @@ def sdpa_packed_forward(module, query, key, value, attention_mask, dropout: floa
 
     spans = _spans_once(kwargs.get("position_ids"), query.shape[2]) if query.shape[2] == key.shape[2] else None
     if spans is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     # split, not slicing: a slice's backward writes into a zero-filled full-size gradient, once per sample.
     sizes = [b - a for a, b in spans]
     dropout = dropout if module.training else 0.0
-    out = torch.cat([F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling)
-                     for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))], dim=2)
+    out = torch.cat(
+        [
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling)
+            for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))
+        ],
+        dim=2,
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

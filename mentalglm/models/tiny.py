@@ -24,16 +24,28 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
-from mentalglm.eval.generation import GLM4_STOP_TOKENS, stop_token_ids  # noqa: F401 (re-exported)
+from mentalglm.fixtures import FIXTURES_DIR
+from mentalglm.runtime.generation import GLM4_STOP_TOKENS, stop_token_ids  # noqa: F401 (re-exported)
 
 # Bump when the builder changes in a way that changes the checkpoint (invalidates cached ones).
 BUILDER_VERSION = 1
 
 # GLM-4's special tokens, in the order the real tokenizer appends them after its BPE vocabulary.
 GLM4_SPECIAL_TOKENS = (
-    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>",
-    "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>",
-    "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
 )
 
 # glm-4-9b-chat-hf's template without the tool-calling branch: `[gMASK]<sop>`, then `<|role|>` +
@@ -49,7 +61,6 @@ GLM4_CHAT_TEMPLATE = (
 )
 
 CJK_PATTERN = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
-FIXTURES_DIR = Path(__file__).resolve().parents[1] / "fixtures"
 TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".tsv", ".md")
 
 # Used only while mentalglm/fixtures holds no text: enough Chinese and English that the common
@@ -118,11 +129,37 @@ def _read_fixture(path: Path) -> Iterable[str]:
     yield text
 
 
+# The tokenizer is trained on these tasks' fixtures and templates only: a task added later (to the package or a
+# user's) leaves the tiny checkpoint, hence the demo's figures, unchanged; its text still tokenizes byte-wise.
+CORPUS_TASKS = (
+    "sos_hl_1k",
+    "socialcd_3k",
+    "cp",
+    "dr",
+    "dreaddit",
+    "loneliness",
+    "swmh",
+    "t_sid",
+    "sad",
+    "cams",
+    "multiwd",
+    "irf",
+)
+CORPUS_DIRS = (
+    "sos_hl_1k",
+    "socialcd_3k",
+    "cp",
+    "instructions",
+    "imhi/complete",
+    *(f"imhi/{t}" for t in CORPUS_TASKS[3:]),
+)
+
+
 def _template_texts() -> list[str]:
     from mentalglm.tasks import TASKS
 
     texts = []
-    for task in TASKS.values():
+    for task in (TASKS[name] for name in CORPUS_TASKS):
         texts += [task.query_template, task.answer_template, task.explanation_marker, *task.labels]
         texts += list(task.label_sentences.values()) + list(task.aspects)
         texts += [alias for aliases in task.aliases.values() for alias in aliases]
@@ -133,11 +170,11 @@ def _template_texts() -> list[str]:
 
 
 def default_corpus() -> list[str]:
-    """Fixture texts (sorted by path, for determinism) plus the task templates."""
+    """The corpus tasks' fixture texts (sorted by path, for determinism) plus their templates."""
     texts: list[str] = []
-    if FIXTURES_DIR.is_dir():
-        for path in sorted(p for p in FIXTURES_DIR.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES):
-            texts += list(_read_fixture(path))
+    files = (p for d in CORPUS_DIRS if (FIXTURES_DIR / d).is_dir() for p in (FIXTURES_DIR / d).iterdir())
+    for path in sorted(p for p in files if p.is_file() and p.suffix in TEXT_SUFFIXES):
+        texts += list(_read_fixture(path))
     if not texts:
         texts = _FALLBACK_CORPUS.splitlines()
     return texts + _template_texts()
@@ -149,10 +186,12 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 
     tok = Tokenizer(models.BPE())
     # Each CJK character is its own pre-token, so merges build whole characters (a common character
     # is one token) instead of gluing whole sentences of a small corpus into single tokens.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(CJK_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CJK_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(GLM4_SPECIAL_TOKENS),
@@ -195,7 +234,7 @@ def build_tiny_model(
     """A random `GlmForCausalLM` with GLM-4's architecture at toy size.
 
     `initializer_range` defaults to 5x GLM-4's 0.02: with 0.02 a toy-sized model's logits are nearly
-    uniform and input-independent, and LoRA alone barely moves it (REFERENCE.md §5). Measured recipe
+    uniform and input-independent, and LoRA alone barely moves it. Measured recipe
     (fixtures, 200 steps, batch 16, ~11 s on 2 CPU cores): hidden 128, 2 layers, init 0.1, LoRA r=16
     alpha=32 on q/k/v/o/gate_up/down, lr 5e-3 -> loss 7.1 -> 0.08, label accuracy far above majority.
     """

@@ -2,7 +2,8 @@
 
 Used by Lightning's `ThroughputMonitor` (conf/callbacks/default.yaml: `batch_size_fn`, `length_fn`, and the
 module's `flops_per_batch` for MFU) and by the benchmarks. Padded and packed batches are both understood:
-padded rows carry an `attention_mask`; packed rows carry `position_ids` that restart at 0 per sample.
+padded rows carry an `attention_mask`; packed rows carry `position_ids` that restart at 0 per sample;
+generation batches carry their unpadded `prompts`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 
 def sample_lengths(batch: dict) -> list[int]:
     """Real (non-pad) length of every sample in a training or generation batch."""
+    if "prompts" in batch:  # a generation batch: unpadded prompts
+        return [len(p) for p in batch["prompts"]]
     if "attention_mask" in batch:
         return [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]
     if "position_ids" in batch:
@@ -28,6 +31,8 @@ def sample_lengths(batch: dict) -> list[int]:
 
 def batch_samples(batch: dict) -> int:
     """Number of samples (a packed row holds several)."""
+    if "prompts" in batch:
+        return len(batch["prompts"])
     if "attention_mask" not in batch and "position_ids" in batch:
         return int((batch["position_ids"] == 0).sum())
     return int(batch["input_ids"].shape[0])
@@ -35,6 +40,8 @@ def batch_samples(batch: dict) -> int:
 
 def real_tokens(batch: dict) -> int:
     """Tokens that are not padding: what `items_per_sec` counts, so padding never inflates it."""
+    if "prompts" in batch:
+        return sum(len(p) for p in batch["prompts"])
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int(batch["input_ids"].numel())
@@ -51,7 +58,7 @@ class FlopSpec:
     head: int = 0  # weights of the (frozen) LM head, part of `frozen`
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module) -> "FlopSpec":
+    def from_model(cls, model: torch.nn.Module) -> FlopSpec:
         frozen = trainable = 0
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mentalglm.eval.atomic import write_json_atomic
+from mentalglm.fileio.atomic import write_json_atomic
 
 # Something a rerun can continue from: a training checkpoint, a finished stage, evaluate.py's partial predictions.
 RESUMABLE = ("stage_*/checkpoints/last.ckpt", "stage_*/stage_done.json", "predictions.partial.jsonl")

@@ -13,19 +13,20 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mentalglm.eval.atomic import write_atomic
+from mentalglm.errors import ConfigError
+from mentalglm.fileio.atomic import write_files_atomic
 
 log = logging.getLogger(__name__)
 
-COLUMNS = (("sos_hl_1k", "SOS-HL-1K F1"), ("socialcd_3k", "SocialCD-3K F1"), ("cp_parent", "CP parent F1"),
-           ("cp_child", "CP child F1"))
 VARIANT_ORDER = {"s1": 0, "s2": 1, "full": 2}
 FAILED = "failed.json"
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    return sorted((p for p in sweep_dir.iterdir() if (p / ".hydra" / "config.yaml").is_file()),
-                  key=lambda p: (len(p.name), p.name))
+    return sorted(
+        (p for p in sweep_dir.iterdir() if (p / ".hydra" / "config.yaml").is_file()),
+        key=lambda p: (len(p.name), p.name),
+    )
 
 
 def job_failure(job: Path) -> str | None:
@@ -42,15 +43,14 @@ def job_failure(job: Path) -> str | None:
 def read_job(job: Path) -> dict | None:
     """One job's row: its cell (model, variant), seed and test F1s, or why it failed; None if it does not test."""
     cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
-    variant = cfg.get("variant")
-    row = {"job": job.name, "model": cfg.model.name, "seed": int(cfg.seed),
-           "variant": variant.name if variant is not None else f"stage_{cfg.stage.name}"}
+    row = {"job": job.name, "model": cfg.model.name, "seed": int(cfg.seed), "variant": chain_name(cfg)}
     metrics_file = job / "test" / "metrics.json"
     if (reason := job_failure(job)) is not None:
         row["failed"] = reason
     elif metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
-        row["f1"] = {key: metrics[key]["f1"] for key, _ in COLUMNS if isinstance(metrics.get(key), dict)}
+        row["columns"] = metric_columns(metrics)
+        row["f1"] = {key: metrics[key]["f1"] for key, _ in row["columns"]}
     elif cfg.get("test") is False:
         return None  # trained without the test: nothing to put in the table, and nothing went wrong
     else:
@@ -60,6 +60,28 @@ def read_job(job: Path) -> dict | None:
     return row
 
 
+def chain_name(cfg) -> str:
+    """The name of a run's stage chain in reports: its variant, else `stage_<name>`s joined."""
+    if cfg.get("variant"):
+        return str(cfg.variant)
+    return "+".join(f"stage_{name}" for name in cfg.get("chain") or ["two"])
+
+
+def metric_columns(metrics: dict) -> list[tuple[str, str]]:
+    """(metric key, column title) of a metrics.json, in its order; titles from its `tasks` block."""
+    names = {k: v for t in (metrics.get("tasks") or {}).values() for k, v in t["metric_display_names"].items()}
+    return [(k, f"{names.get(k, k)} F1") for k, v in metrics.items() if isinstance(v, dict) and "f1" in v]
+
+
+def sweep_columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """Every metric column of the jobs that finished, in the order they first appear."""
+    columns: dict[str, str] = {}
+    for r in rows:
+        for key, title in r.get("columns", []):
+            columns.setdefault(key, title)
+    return list(columns.items())
+
+
 def rerun_command(job: Path) -> str:
     """The command that reruns a job into its own directory, after which the table can be rebuilt."""
     overrides_file = job / ".hydra" / "overrides.yaml"
@@ -67,20 +89,31 @@ def rerun_command(job: Path) -> str:
     return shlex.join(["python", "train.py", f"hydra.run.dir={job.resolve()}", *map(str, overrides)])
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict], columns: list[tuple[str, str]]) -> list[dict]:
     """One line per (model, variant): mean and std over seeds of each F1 column, failures marked."""
     cells: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
         cells[(r["model"], r["variant"])].append(r)
     out = []
-    for (model, variant), runs in sorted(cells.items(), key=lambda kv: (kv[0][0], VARIANT_ORDER.get(kv[0][1], 9), kv[0][1])):
+    for (model, variant), runs in sorted(
+        cells.items(), key=lambda kv: (kv[0][0], VARIANT_ORDER.get(kv[0][1], 9), kv[0][1])
+    ):
         ok = [r for r in runs if "failed" not in r]
-        line = {"model": model, "variant": variant, "seeds": sorted(r["seed"] for r in ok),
-                "failed": [{"job": r["job"], "seed": r["seed"], "reason": r["failed"], "rerun": r["rerun"]}
-                           for r in runs if "failed" in r]}
-        for key, _ in COLUMNS:
+        line = {
+            "model": model,
+            "variant": variant,
+            "seeds": sorted(r["seed"] for r in ok),
+            "failed": [
+                {"job": r["job"], "seed": r["seed"], "reason": r["failed"], "rerun": r["rerun"]}
+                for r in runs
+                if "failed" in r
+            ],
+        }
+        for key, _ in columns:
             values = [100 * r["f1"][key] for r in ok if key in r["f1"]]
-            line[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None) if values else None
+            line[key] = (
+                (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None) if values else None
+            )
         out.append(line)
     return out
 
@@ -97,39 +130,48 @@ def _one_line(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def ablation_markdown(lines: list[dict]) -> str:
-    head = "| model | variant | seeds | " + " | ".join(name for _, name in COLUMNS) + " |"
-    rule = "|---|---|---|" + "---:|" * len(COLUMNS)
+def ablation_markdown(lines: list[dict], columns: list[tuple[str, str]]) -> str:
+    head = "| model | variant | seeds | " + " | ".join(name for _, name in columns) + " |"
+    rule = "|---|---|---|" + "---:|" * len(columns)
     body = []
     for ln in lines:
-        cells = [_cell(ln[key]) for key, _ in COLUMNS] if ln["seeds"] else ["FAILED"] * len(COLUMNS)
+        cells = [_cell(ln[key]) for key, _ in columns] if ln["seeds"] else ["FAILED"] * len(columns)
         n_ok, n_failed = len(ln["seeds"]), len(ln["failed"])
         seeds = f"{n_ok} of {n_ok + n_failed} (failed: {n_failed})" if n_failed else str(n_ok)
         body.append(f"| {ln['model']} | {ln['variant']} | {seeds} | " + " | ".join(cells) + " |")
-    text = ("# Ablation (test F1, %)\n\nMean over the seeds that finished; ± is the sample standard deviation.\n\n"
-            + "\n".join([head, rule, *body]) + "\n")
-    failures = [f"- {ln['model']} / {ln['variant']}, seed {f['seed']} (job {f['job']}): {_one_line(f['reason'])}\n"
-                f"  rerun: `{f['rerun']}`" for ln in lines for f in ln["failed"]]
+    text = (
+        "# Ablation (test F1, %)\n\nMean over the seeds that finished; ± is the sample standard deviation.\n\n"
+        + "\n".join([head, rule, *body])
+        + "\n"
+    )
+    failures = [
+        f"- {ln['model']} / {ln['variant']}, seed {f['seed']} (job {f['job']}): {_one_line(f['reason'])}\n"
+        f"  rerun: `{f['rerun']}`"
+        for ln in lines
+        for f in ln["failed"]
+    ]
     if failures:
-        text += ("\n## Failed jobs\n\nAfter a rerun, rebuild this table with "
-                 "`python evaluate.py report=ablation sweep_dir=<this directory>`.\n\n" + "\n".join(failures) + "\n")
+        text += (
+            "\n## Failed jobs\n\nAfter a rerun, rebuild this table with "
+            "`python evaluate.py report=ablation sweep_dir=<this directory>`.\n\n" + "\n".join(failures) + "\n"
+        )
     return text
 
 
-def ablation_csv(lines: list[dict]) -> str:
+def ablation_csv(lines: list[dict], columns: list[tuple[str, str]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["model", "variant", "n_seeds", "n_failed"] + [f"{k}_{s}" for k, _ in COLUMNS for s in ("mean", "std")])
+    w.writerow(["model", "variant", "n_seeds", "n_failed"] + [f"{k}_{s}" for k, _ in columns for s in ("mean", "std")])
     for ln in lines:
         vals = []
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             mean, std = ln[key] if ln[key] is not None else (None, None)
             vals += ["" if mean is None else f"{mean:.4f}", "" if std is None else f"{std:.4f}"]
         w.writerow([ln["model"], ln["variant"], len(ln["seeds"]), len(ln["failed"])] + vals)
     return buf.getvalue()
 
 
-def ablation_plot(lines: list[dict], path: Path) -> Path:
+def ablation_plot(lines: list[dict], columns: list[tuple[str, str]]) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -138,36 +180,45 @@ def ablation_plot(lines: list[dict], path: Path) -> Path:
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(lines))
     for i, ln in enumerate(lines):
-        means = [ln[k][0] if ln[k] else 0.0 for k, _ in COLUMNS]
-        errs = [ln[k][1] or 0.0 if ln[k] else 0.0 for k, _ in COLUMNS]
-        xs = [j + i * width for j in range(len(COLUMNS))]
+        means = [ln[k][0] if ln[k] else 0.0 for k, _ in columns]
+        errs = [ln[k][1] or 0.0 if ln[k] else 0.0 for k, _ in columns]
+        xs = [j + i * width for j in range(len(columns))]
         ax.bar(xs, means, width, yerr=errs, label=f"{ln['model']} {ln['variant']}")
-    ax.set_xticks([j + width * (len(lines) - 1) / 2 for j in range(len(COLUMNS))], [n for _, n in COLUMNS])
+    ax.set_xticks(
+        [j + width * (len(lines) - 1) / 2 for j in range(len(columns))],
+        [n for _, n in columns],
+        rotation=30 if len(columns) > 4 else 0,
+        ha="right" if len(columns) > 4 else "center",
+    )
     ax.set_ylabel("F1 (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    write_atomic(path, buf.getvalue())
-    return path
+    return buf.getvalue()
 
 
 def rebuild_ablation(sweep_dir: str | Path) -> dict:
     """Write ablation.md, ablation.csv and ablation.png into the sweep directory; return the summary."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep_dir={sweep_dir} does not exist")
+        raise ConfigError(f"sweep_dir={sweep_dir} does not exist")
     jobs = job_dirs(sweep_dir)
     if not jobs:
-        raise FileNotFoundError(f"sweep_dir={sweep_dir} holds no job directories (*/.hydra/config.yaml)")
+        raise ConfigError(f"sweep_dir={sweep_dir} holds no job directories (*/.hydra/config.yaml)")
     rows = [row for row in map(read_job, jobs) if row is not None]
     if not rows:
-        raise FileNotFoundError(f"no job in sweep_dir={sweep_dir} ran the test (test=false?): no ablation to build")
-    lines = summarise(rows)
-    write_atomic(sweep_dir / "ablation.md", ablation_markdown(lines))
-    write_atomic(sweep_dir / "ablation.csv", ablation_csv(lines))
-    ablation_plot(lines, sweep_dir / "ablation.png")
+        raise ConfigError(f"no job in sweep_dir={sweep_dir} ran the test (test=false?): no ablation to build")
+    columns = sweep_columns(rows)
+    lines = summarise(rows, columns)
+    write_files_atomic(
+        {
+            sweep_dir / "ablation.md": ablation_markdown(lines, columns),
+            sweep_dir / "ablation.csv": ablation_csv(lines, columns),
+            sweep_dir / "ablation.png": ablation_plot(lines, columns),
+        }
+    )
     n_failed = sum(len(ln["failed"]) for ln in lines)
     log.info("ablation of %d jobs (%d failed) -> %s", len(rows), n_failed, sweep_dir / "ablation.md")
-    return {"lines": lines, "jobs": len(rows), "failed": n_failed}
+    return {"lines": lines, "columns": columns, "jobs": len(rows), "failed": n_failed}

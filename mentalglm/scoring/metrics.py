@@ -2,10 +2,10 @@
 DDP sync work, and every number is computed exactly from the counts.
 
 What each task reports (fractions in [0, 1]; always precision, recall, f1, parse_rate, n):
-- binary (sos_hl_1k, IMHI yes/no): P/R/F1 of the positive class, plus accuracy and f1_weighted.
-- multiclass (IMHI sad, cams, swmh, t_sid): weighted P/R/F1 (as MentaLLaMA), plus accuracy, f1_weighted.
-- multilabel (socialcd_3k): micro P/R/F1 over the labels.
-- hierarchical (cp): micro P/R/F1 at parent level (`cp_parent`) and child level (`cp_child`).
+- binary (e.g. sos_hl_1k, IMHI yes/no): P/R/F1 of the positive class, plus accuracy and f1_weighted.
+- multiclass (e.g. IMHI sad, cams): weighted P/R/F1 (as MentaLLaMA), plus accuracy, f1_weighted.
+- multilabel (e.g. socialcd_3k): micro P/R/F1 over the labels.
+- hierarchical (e.g. cp): micro P/R/F1 at parent level (`cp_parent`) and child level (`cp_child`).
 
 Unparsed answers are always wrong: single-label tasks give them an extra "unparsed" prediction column
 (a miss for the gold class, a hit for none), multi-label tasks an all-zero prediction.
@@ -18,22 +18,16 @@ from collections import Counter, defaultdict
 import torch
 from torchmetrics import Metric
 
-from mentalglm.eval.parsing import SINGLE_LABEL_KINDS, cp_parent_child_sets
-from mentalglm.tasks import TASKS, Task
+from mentalglm.scoring.parsing import cp_parent_child_sets
+from mentalglm.tasks import SINGLE_LABEL_KINDS, Task
 
 UNPARSED = "unparsed"
-# Row order of results tables: sos_hl_1k, socialcd_3k, cp_parent, cp_child, then the IMHI tasks.
-METRIC_KEY_ORDER = tuple(k for t in TASKS.values() for k in t.metric_keys)
-
-
-def ordered_keys(keys) -> list[str]:
-    rank = {k: i for i, k in enumerate(METRIC_KEY_ORDER)}
-    return sorted(keys, key=lambda k: (rank.get(k, len(rank)), k))
 
 
 def result_keys(results: dict) -> list[str]:
-    """Metric keys of a results dict in table order, skipping summary entries such as "f1_mean": 0.6."""
-    return ordered_keys(k for k, v in results.items() if isinstance(v, dict) and "f1" in v)
+    """Metric keys of a results dict, in its order (the selected tasks' order), skipping summary entries such
+    as "f1_mean": 0.6."""
+    return [k for k, v in results.items() if isinstance(v, dict) and "f1" in v]
 
 
 class TaskMetrics(Metric):
@@ -74,11 +68,17 @@ class TaskMetrics(Metric):
 
     # ------------------------------------------------------------------ update
 
-    def update(self, pred_labels: list[list[str]], gold_labels: list[list[str]], parsed: list[bool],
-               aspects: list[str] | None = None) -> None:
+    def update(
+        self,
+        pred_labels: list[list[str]],
+        gold_labels: list[list[str]],
+        parsed: list[bool],
+        aspects: list[str] | None = None,
+    ) -> None:
         if not len(pred_labels) == len(gold_labels) == len(parsed):
-            raise ValueError(f"lengths differ: {len(pred_labels)} predictions, {len(gold_labels)} gold, "
-                             f"{len(parsed)} parsed flags")
+            raise ValueError(
+                f"lengths differ: {len(pred_labels)} predictions, {len(gold_labels)} gold, {len(parsed)} parsed flags"
+            )
         if aspects is not None and len(aspects) != len(parsed):
             raise ValueError(f"lengths differ: {len(aspects)} aspects for {len(parsed)} items")
         if not parsed:
@@ -90,7 +90,9 @@ class TaskMetrics(Metric):
         if self.task.kind in SINGLE_LABEL_KINDS:
             self._update_single(preds, gold_labels, aspects)
         elif self.task.kind == "multilabel":
-            self._update_stats("", self._multi_hot(preds, self.task.labels), self._multi_hot(gold_labels, self.task.labels))
+            self._update_stats(
+                "", self._multi_hot(preds, self.task.labels), self._multi_hot(gold_labels, self.task.labels)
+            )
         else:
             self._update_hierarchical(preds, gold_labels)
 
@@ -99,8 +101,9 @@ class TaskMetrics(Metric):
         gold_idx = []
         for gold in golds:
             if len(gold) != 1 or gold[0] not in order:
-                raise ValueError(f"task {self.task.name} needs exactly one gold label from {list(self.task.labels)}, "
-                                 f"got {gold}")
+                raise ValueError(
+                    f"task {self.task.name} needs exactly one gold label from {list(self.task.labels)}, got {gold}"
+                )
             gold_idx.append(order[gold[0]])
         pred_idx = []
         for pred in preds:
@@ -126,7 +129,9 @@ class TaskMetrics(Metric):
         if not aspect:
             return -1
         if aspect not in self.aspect_index:
-            raise ValueError(f"aspect {aspect!r} is not one of task {self.task.name}'s aspects {list(self.task.aspects)}")
+            raise ValueError(
+                f"aspect {aspect!r} is not one of task {self.task.name}'s aspects {list(self.task.aspects)}"
+            )
         return self.aspect_index[aspect]
 
     def _multi_hot(self, label_lists, names) -> torch.Tensor:
@@ -148,10 +153,16 @@ class TaskMetrics(Metric):
         pred_sets = [cp_parent_child_sets(self.task, p) for p in preds]
         gold_sets = [cp_parent_child_sets(self.task, g) for g in golds]
         parents, children = tuple(self.task.parents), self.task.children
-        self._update_stats("parent_", self._multi_hot([s[0] for s in pred_sets], parents),
-                           self._multi_hot([s[0] for s in gold_sets], parents))
-        self._update_stats("child_", self._multi_hot([s[1] for s in pred_sets], children),
-                           self._multi_hot([s[1] for s in gold_sets], children))
+        self._update_stats(
+            "parent_",
+            self._multi_hot([s[0] for s in pred_sets], parents),
+            self._multi_hot([s[0] for s in gold_sets], parents),
+        )
+        self._update_stats(
+            "child_",
+            self._multi_hot([s[1] for s in pred_sets], children),
+            self._multi_hot([s[1] for s in gold_sets], children),
+        )
 
     # ------------------------------------------------------------------ compute
 
@@ -178,9 +189,16 @@ class TaskMetrics(Metric):
             p, r, f1, _ = per_class[task.label_order[task.positive]]
         else:
             p, r, f1 = weighted
-        out = {"precision": p, "recall": r, "f1": f1, "accuracy": accuracy, "f1_weighted": weighted[2],
-               "per_label": {lab: per_class[i][2] for i, lab in enumerate(task.labels)},
-               "confusion": cm, "confusion_labels": [*task.labels, UNPARSED]}
+        out = {
+            "precision": p,
+            "recall": r,
+            "f1": f1,
+            "accuracy": accuracy,
+            "f1_weighted": weighted[2],
+            "per_label": {lab: per_class[i][2] for i, lab in enumerate(task.labels)},
+            "confusion": cm,
+            "confusion_labels": [*task.labels, UNPARSED],
+        }
         if task.aspects:
             out["per_aspect"] = {}
             for aspect, acm in zip(task.aspects, self.aspect_confmat.tolist()):
@@ -212,9 +230,13 @@ def _weighted(stats) -> tuple[float, float, float]:
 def _micro(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, names) -> dict:
     tp, fp, fn = tp.tolist(), fp.tolist(), fn.tolist()
     t, f_p, f_n = sum(tp), sum(fp), sum(fn)
-    return {"precision": _div(t, t + f_p), "recall": _div(t, t + f_n), "f1": _div(2 * t, 2 * t + f_p + f_n),
-            "per_label": {name: _div(2 * a, 2 * a + b + c) for name, a, b, c in zip(names, tp, fp, fn)},
-            "support": {name: a + c for name, a, c in zip(names, tp, fn)}}
+    return {
+        "precision": _div(t, t + f_p),
+        "recall": _div(t, t + f_n),
+        "f1": _div(2 * t, 2 * t + f_p + f_n),
+        "per_label": {name: _div(2 * a, 2 * a + b + c) for name, a, b, c in zip(names, tp, fp, fn)},
+        "support": {name: a + c for name, a, c in zip(names, tp, fn)},
+    }
 
 
 def compute_metrics(task: Task, pred_labels, gold_labels, parsed, aspects=None) -> dict[str, dict]:
@@ -248,5 +270,10 @@ def majority_baseline(task: Task, train_rows: list[dict], eval_rows: list[dict])
         return list((counts.get(aspect) or overall).most_common(1)[0][0])
 
     preds = [guess(r.get("aspect") or "") for r in eval_rows]
-    return compute_metrics(task, preds, [list(r["labels"]) for r in eval_rows], [True] * len(eval_rows),
-                           [r.get("aspect") or "" for r in eval_rows])
+    return compute_metrics(
+        task,
+        preds,
+        [list(r["labels"]) for r in eval_rows],
+        [True] * len(eval_rows),
+        [r.get("aspect") or "" for r in eval_rows],
+    )

@@ -15,17 +15,12 @@ from typing import Any
 import lightning as L
 
 from mentalglm.errors import ConfigError
-from mentalglm.eval.atomic import append_jsonl, write_json_atomic
+from mentalglm.fileio.atomic import append_jsonl, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 PARTIAL = "predictions.partial.jsonl"
 PARTIAL_META = "predictions.partial.meta.json"
-
-
-def row_key(row: dict) -> tuple[str, str, str]:
-    """An evaluation item: ids are unique within a task's split; MultiWD/IRF ask one post per aspect."""
-    return row["task"], str(row["id"]), row.get("aspect") or ""
 
 
 def read_partial(path: Path) -> list[dict]:
@@ -39,13 +34,15 @@ def read_partial(path: Path) -> list[dict]:
         log.warning("%s: dropping a torn last line (%d bytes) left by the interruption", path, len(raw) - len(complete))
         os.truncate(path, len(complete))
     rows = []
-    for lineno, line in enumerate(complete.decode("utf-8").splitlines(), 1):
+    # Split on b"\n" only: str.splitlines() would also split inside outputs holding U+2028, U+0085 or \x1c.
+    for lineno, line in enumerate(complete.decode("utf-8").split("\n"), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{lineno}: not a JSON line ({e.msg}); delete the file to regenerate "
-                                  "every prediction") from None
+                raise ConfigError(
+                    f"{path}:{lineno}: not a JSON line ({e.msg}); delete the file to regenerate every prediction"
+                ) from None
     return rows
 
 
@@ -79,17 +76,20 @@ class PartialPredictions(L.Callback):
             old = json.loads(self.meta_path.read_text(encoding="utf-8")) if self.meta_path.is_file() else {}
             changed = sorted(k for k in set(old) | set(self.meta) if old.get(k) != self.meta.get(k))
             if changed:
-                raise ConfigError(f"{self.path} was written by an evaluation with other settings ({', '.join(changed)}"
-                                  "): rerun without resume=true to start a fresh evaluation")
+                raise ConfigError(
+                    f"{self.path} was written by an evaluation with other settings ({', '.join(changed)}"
+                    "): rerun without resume=true to start a fresh evaluation"
+                )
         write_json_atomic(self.meta_path, self.meta)
         return read_partial(self.path)
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.written = 0
 
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int,
-                          dataloader_idx: int = 0) -> None:
-        rows = pl_module.test_predictions[self.written:]
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        rows = pl_module.test_predictions[self.written :]
         if rows:
             append_jsonl(self.path, rows, fsync=True)
         self.written = len(pl_module.test_predictions)

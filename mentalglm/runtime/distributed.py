@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,11 +63,6 @@ def is_global_zero() -> bool:
     return global_rank() == 0
 
 
-def barrier() -> None:
-    if _initialized():
-        torch.distributed.barrier()
-
-
 def gather_rows(rows: list[dict]) -> list[dict]:
     """Every rank's rows, concatenated in rank order, on every rank (plain Python objects)."""
     if not _initialized() or torch.distributed.get_world_size() == 1:
@@ -82,8 +78,10 @@ def missing_strategy_package(trainer_cfg: Mapping[str, Any]) -> str | None:
     strategy = trainer_cfg.get("strategy")
     target = strategy.get("_target_", "") if isinstance(strategy, Mapping) else str(strategy or "")
     if "deepspeed" in target.lower() and importlib.util.find_spec("deepspeed") is None:
-        return ("this trainer config uses DeepSpeed, which is not installed: `pip install deepspeed` "
-                "(or `pip install -e '.[deepspeed]'`) on every node, or use trainer=fsdp or trainer=ddp")
+        return (
+            "this trainer config uses DeepSpeed, which is not installed: `pip install deepspeed` "
+            "(or `pip install -e '.[deepspeed]'`) on every node, or use trainer=fsdp or trainer=ddp"
+        )
     return None
 
 
@@ -100,8 +98,10 @@ def resume_strategy_problem(trainer_cfg: Mapping[str, Any], ckpt_path: str | Non
     meta = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("mentalglm") or {}
     if meta.get("fsdp"):
         return None
-    return (f"{ckpt_path} was saved without FSDP: its optimizer state cannot resume under trainer=fsdp. Resume it "
-            "with the trainer it was saved with, or start a new run from its adapter (init_adapter=.../best_adapter)")
+    return (
+        f"{ckpt_path} was saved without FSDP: its optimizer state cannot resume under trainer=fsdp. Resume it "
+        "with the trainer it was saved with, or start a new run from its adapter (stages.<stage>.init=.../best_adapter)"
+    )
 
 
 # ----------------------------------------------------------------------------- FSDP2 (ModelParallelStrategy)
@@ -133,7 +133,11 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def _deepspeed_zero3_engine(strategy) -> Any | None:
-    if strategy is None or type(strategy).__name__ != "DeepSpeedStrategy" or getattr(strategy, "zero_stage_3", False) is False:
+    if (
+        strategy is None
+        or type(strategy).__name__ != "DeepSpeedStrategy"
+        or getattr(strategy, "zero_stage_3", False) is False
+    ):
         return None
     return getattr(strategy, "deepspeed_engine", None)
 
@@ -216,8 +220,9 @@ def adapter_state_dict(model: nn.Module, strategy=None) -> dict[str, torch.Tenso
     if any(_is_dtensor(p) for p in model.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                      ignore_frozen_params=True))
+        state = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        )
         return {k: v for k, v in state.items() if k in set(trainable)}
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     engine = _deepspeed_zero3_engine(strategy)

@@ -20,9 +20,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from mentalglm.tasks import Task
-
-SINGLE_LABEL_KINDS = ("binary", "multiclass")
+from mentalglm.tasks import SINGLE_LABEL_KINDS, Task
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,7 @@ def _term_regex(term: str) -> str:
         # The start check sits after the first literal ("w(?<![0-9A-Za-z]w)ork"), not before it:
         # alternatives that all open with a literal let `re` skip ahead by first character (much faster).
         first = re.escape(term[0])
-        body = f"{first}(?<![0-9A-Za-z]{first}){body[len(first):]}"
+        body = f"{first}(?<![0-9A-Za-z]{first}){body[len(first) :]}"
     if _is_word_char(term[-1]):
         body += r"(?![0-9A-Za-z])"
     return body
@@ -102,8 +100,17 @@ _VOCABS: dict[tuple, _Vocab] = {}
 
 def _cache_key(task: Task) -> tuple:
     # Task holds dicts, so it is not hashable; key on everything the vocabulary depends on.
-    return (task.name, task.kind, task.labels, task.explanation_marker, task.none_word, task.case_sensitive,
-            task.child_sep, repr(sorted(task.aliases.items())), repr(list(task.parents.items())))
+    return (
+        task.name,
+        task.kind,
+        task.labels,
+        task.explanation_marker,
+        task.none_word,
+        task.case_sensitive,
+        task.child_sep,
+        repr(sorted(task.aliases.items())),
+        repr(list(task.parents.items())),
+    )
 
 
 def _vocab(task: Task) -> _Vocab:

@@ -1,0 +1,109 @@
+"""The user-error boundary every entry point runs under, and what entry points share before Hydra starts.
+
+A mistake the user can fix (`UserError`, a config that does not compose, an unknown config group option) ends
+in one `error: ...` line on stderr and exit code 2; inside a run, the traceback goes to the run's log file
+only. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from mentalglm.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+EXIT_USER_ERROR = 2
+log = logging.getLogger("mentalglm")
+
+
+def one_line(error: BaseException) -> str:
+    """The message of an error as one line (a composition error's cause appended)."""
+    text = " ".join(str(error).split())
+    cause = error.__cause__
+    if cause is not None and str(cause).strip():
+        first = str(cause).strip().splitlines()[0].strip()
+        if first and first not in text:
+            text = f"{text}: {first}"
+    return text or type(error).__name__
+
+
+def fail(message: str | BaseException) -> None:
+    text = one_line(message) if isinstance(message, BaseException) else message
+    print(f"error: {text}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (UserError, HydraException, OmegaConfBaseException)
+
+
+def run_entry_point(main: Callable[[], object], argv: Iterable[str] | None = None) -> None:
+    """Run a `@hydra.main` function under the boundary (the `if __name__ == "__main__":` of every entry point)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if (error := group_override_error(argv)) is not None:
+        fail(error)
+    # Hydra then raises composition errors instead of printing its own multi-line report: caught below.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except _user_errors() as e:
+        fail(e)
+
+
+def log_user_error(error: BaseException) -> None:
+    """Inside a run: the traceback into the run's log file (not the console), the message as one log line."""
+    record = logging.LogRecord(
+        "mentalglm", logging.ERROR, __file__, 0, "%s", (one_line(error),), (type(error), error, error.__traceback__)
+    )
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def single_console_logging() -> None:
+    """Lightning adds its own console handler when it is imported before logging is configured; under Hydra the
+    root logger prints too, so every Lightning line would show twice. Route Lightning through the root."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
+def traceback_text(error: BaseException) -> str:
+    return "".join(traceback.format_exception(type(error), error, error.__traceback__))
+
+
+# ----------------------------------------------------------------------------- command line (before Hydra)
+def group_override_error(argv: Iterable[str], conf_dir: Path = CONF_DIR) -> str | None:
+    """The message for a `group=option` override naming a config file that does not exist, else None.
+
+    Hydra's own report of this spans a dozen lines and ends with a hint about HYDRA_FULL_ERROR."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.lstrip("+~").split("=", 1)
+        group = key.split("@", 1)[0]
+        if group.startswith("hydra") or not (conf_dir / group).is_dir() or not value:
+            continue
+        if any(c in value for c in "([{$") or value == "null":
+            continue  # sweep syntax (choice(...), range(...)) or an interpolation: Hydra's business
+        options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+        for option in value.split(","):
+            if option not in options:
+                hint = (
+                    " or add conf/model/NAME.yaml (model.pretrained: a hub id or local path)"
+                    if group == "model"
+                    else ""
+                )
+                return f"unknown {group} {option!r}: choose one of {', '.join(options)}{hint}"
+    return None

@@ -1,0 +1,375 @@
+"""What train.py runs: the stages of the chain, each a Lightning fit, then the test of the last stage's best adapter."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mentalglm.checks import check_train_config
+from mentalglm.errors import CheckpointError, ConfigError
+from mentalglm.fileio.atomic import write_json_atomic
+from mentalglm.models.loading import check_adapter_dir, load_tokenizer
+from mentalglm.models.module import MentalGLMModule
+from mentalglm.reporting.writer import write_evaluation
+from mentalglm.runtime import registry
+from mentalglm.runtime.builders import (
+    build_callbacks,
+    build_datamodule,
+    build_loggers,
+    build_module,
+    build_tasks,
+    build_trainer,
+    selected_tasks,
+    stage_tasks,
+    test_tasks,
+)
+from mentalglm.runtime.distributed import (
+    adapter_state_dict,
+    is_global_zero,
+    load_adapter_weights,
+    resume_strategy_problem,
+)
+from mentalglm.runtime.resume import mark_stage_done, stage_done, wants_resume
+from mentalglm.scoring.metrics import mean_f1
+from mentalglm.tasks import Task
+from mentalglm.tracking import finish_loggers, redact_secrets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    name: str
+    best_adapter: Path
+    best_score: float | None
+    best_ckpt: str | None
+    identity: dict
+
+
+@dataclass
+class Plan:
+    """What a run trains: each stage of the chain with its tasks and where its adapter starts."""
+
+    name: str
+    tasks: list[str]
+    max_epochs: int
+    init: str
+    merge_init: bool
+
+
+# ----------------------------------------------------------------------------- planning
+def chain_name(cfg: DictConfig) -> str:
+    from mentalglm.reporting.ablation import chain_name as name
+
+    return name(cfg)
+
+
+def plan_stages(cfg: DictConfig, tasks: dict[str, Task] | None = None) -> list[Plan]:
+    """The stages of `chain`, in order, each with the selected tasks that name it."""
+    tasks = build_tasks(cfg) if tasks is None else tasks
+    selected = selected_tasks(cfg, tasks)
+    plans = []
+    for name in cfg.chain:
+        if name not in cfg.stages:
+            raise ConfigError(f"chain names unknown stage {name!r}; stages: {', '.join(cfg.stages)}")
+        stage = cfg.stages[name]
+        plans.append(
+            Plan(
+                str(name),
+                stage_tasks(cfg, selected, str(name)),
+                int(stage.max_epochs),
+                str(stage.init),
+                bool(stage.merge_init),
+            )
+        )
+    return plans
+
+
+def registry_command(cfg: DictConfig, stage: str) -> str:
+    return (
+        f"python train.py stage={stage} model={cfg.model.name} seed={cfg.seed} (with this run's experiment, "
+        "data and lora settings)"
+    )
+
+
+def initial_adapter(
+    cfg: DictConfig, plan: Plan, done: dict[str, StageResult], selected: list[str]
+) -> tuple[str | None, str]:
+    """(the adapter a stage starts from, how it starts, for its identity): the base model, an earlier stage of
+    this run, the registered best adapter of an earlier stage with this run's identity, or an adapter directory."""
+    init = plan.init
+    if init == "base":
+        return None, "base"
+    if init in done:
+        return str(done[init].best_adapter), f"stage {init}"
+    if init in cfg.stages:
+        earlier = plan_for(cfg, init, selected)
+        start = "base" if earlier.init == "base" else f"stage {earlier.init}"
+        identity = registry.stage_identity(cfg, init, earlier.tasks, start)
+        entry = registry.lookup(cfg.paths.registry_dir, identity, registry_command(cfg, init))
+        return check_adapter(entry["adapter"], f"registry entry of stage {init}"), f"stage {init}"
+    return check_adapter(init, f"stages.{plan.name}.init"), f"adapter {Path(init).resolve()}"
+
+
+def plan_for(cfg: DictConfig, name: str, selected: list[str]) -> Plan:
+    stage = cfg.stages[name]
+    return Plan(name, stage_tasks(cfg, selected, name), int(stage.max_epochs), str(stage.init), bool(stage.merge_init))
+
+
+def check_adapter(path: str, key: str) -> str:
+    check_adapter_dir(path, key)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- stages
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_name(cfg: DictConfig, stage_name: str) -> str:
+    return f"{cfg.model.name}/{chain_name(cfg)}/stage_{stage_name}/seed{cfg.seed}"
+
+
+def run_stage(
+    cfg: DictConfig,
+    plan: Plan,
+    init_adapter: str | None,
+    identity: dict,
+    tokenizer,
+    tasks: dict[str, Task],
+    out_dir: Path,
+    test_names: list[str],
+) -> tuple[StageResult, dict | None]:
+    stage_dir = out_dir / f"stage_{plan.name}"
+    if wants_resume(cfg.get("resume"), cfg.get("ckpt_path")) and (done := stage_done(stage_dir)) is not None:
+        log.info("stage %s finished before the interruption: reusing its adapter %s", plan.name, done["best_adapter"])
+        return StageResult(
+            plan.name, Path(done["best_adapter"]), done["best_score"], done["best_ckpt"], identity
+        ), done["test"]
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    # Each stage's randomness depends on the seed alone, not on what earlier stages drew, so a resumed
+    # run that skips a finished stage draws the same numbers as an uninterrupted one.
+    L.seed_everything(int(cfg.seed), workers=True)
+    log.info("stage %s: tasks %s, %d epochs, init adapter %s", plan.name, plan.tasks, plan.max_epochs, init_adapter)
+    dm = build_datamodule(cfg, tokenizer, tasks, plan.tasks, stage_dir, splits=("train", "val"))
+    module = build_module(
+        cfg,
+        tokenizer,
+        {t: tasks[t] for t in dict.fromkeys(plan.tasks + test_names)},
+        init_adapter,
+        merge_init=plan.merge_init,
+    )
+    loggers = build_loggers(cfg, run_name(cfg, plan.name), stage_dir)
+    trainer = build_trainer(cfg, loggers, build_callbacks(cfg, stage_dir / "checkpoints"), plan.max_epochs)
+    test_metrics = None
+    try:
+        for lg in loggers:
+            lg.log_hyperparams(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
+        # weights_only: a checkpoint is data (tensors, numbers, strings); it never unpickles arbitrary objects.
+        ckpt_path = resume_checkpoint(cfg, stage_dir)
+        if problem := resume_strategy_problem(OmegaConf.to_container(cfg.trainer), ckpt_path):
+            raise CheckpointError(problem)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+        result = export_best(trainer, module, plan, stage_dir, identity)
+        if test_names:
+            test_metrics = run_test(cfg, trainer, module, tokenizer, tasks, test_names, out_dir / "test")
+    finally:
+        finish_loggers(loggers)
+        # Callbacks and loggers can hold the module (bound methods, the trainer): drop them too, or the
+        # model and optimizer survive this collection and share memory with the next job's.
+        del trainer, module, dm, loggers
+        release_memory()
+    if not is_global_zero():
+        return result, test_metrics
+    registry.register(cfg.paths.registry_dir, identity, result.best_adapter, out_dir, result.best_score)
+    mark_stage_done(
+        stage_dir,
+        {
+            "best_adapter": str(result.best_adapter),
+            "best_score": result.best_score,
+            "best_ckpt": result.best_ckpt,
+            "test": test_metrics,
+        },
+    )
+    return result, test_metrics
+
+
+def resume_checkpoint(cfg: DictConfig, stage_dir: Path) -> str | None:
+    if cfg.get("ckpt_path") and cfg.ckpt_path != "last":
+        return check_checkpoint(Path(cfg.ckpt_path))
+    if cfg.get("resume") or cfg.get("ckpt_path") == "last":
+        last = stage_dir / "checkpoints" / "last.ckpt"
+        if last.exists():  # a directory under DeepSpeed
+            log.info("resuming from %s", last)
+            return check_checkpoint(last)
+        log.info("resume: no checkpoint in %s, this stage starts from the beginning", last.parent)
+    return None
+
+
+def check_checkpoint(path: Path) -> str:
+    """A readable checkpoint of plain data, else a one-line CheckpointError (not an unpickling traceback from
+    inside Lightning). Adapter-only checkpoints are small, so reading one twice costs little."""
+    if path.is_dir():
+        return str(path)  # a DeepSpeed checkpoint directory: its engine reads it
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path={path} does not exist")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds pickled objects beyond tensors and plain data, "
+            f"which could run code ({_first_line(e)})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(e).__name__}: {_first_line(e)}); resume "
+            "from another one or start without ckpt_path/resume"
+        ) from None
+    return str(path)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else ""
+
+
+def export_best(
+    trainer: L.Trainer, module: MentalGLMModule, plan: Plan, stage_dir: Path, identity: dict
+) -> StageResult:
+    """Load the best checkpoint's adapter weights and save them with save_pretrained (PeftModel-loadable)."""
+    ckpt_cb = trainer.checkpoint_callback
+    best = ckpt_cb.best_model_path if ckpt_cb is not None else ""
+    score = float(ckpt_cb.best_model_score) if ckpt_cb is not None and ckpt_cb.best_model_score is not None else None
+    # Every rank loads the best weights (each then tests its shard); rank 0 alone writes the adapter.
+    if best and Path(best).is_dir():
+        trainer.strategy.load_checkpoint(best)  # DeepSpeed: the engine loads its own (adapter-only) checkpoint
+    elif best:
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        load_adapter_weights(module, state)
+    adapter = adapter_state_dict(module.model, trainer.strategy)  # gathers sharded weights: every rank
+    adapter_dir = stage_dir / "best_adapter"
+    if trainer.is_global_zero:
+        replace_dir_atomic(adapter_dir, lambda tmp: module.save_adapter(tmp, adapter))
+    trainer.strategy.barrier("export_best")  # the next stage reads the adapter on every rank
+    log.info("stage %s: best val/f1_mean %s, adapter -> %s", plan.name, score, adapter_dir)
+    return StageResult(plan.name, adapter_dir, score, best or None, identity)
+
+
+def replace_dir_atomic(target: Path, write) -> None:
+    """`write(tmp)` fills a temporary directory that then takes `target`'s place: a crash leaves the
+    previous directory or the new one complete, never a half-written one under the final name."""
+    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def run_test(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: MentalGLMModule,
+    tokenizer,
+    tasks: dict[str, Task],
+    names: list[str],
+    out_dir: Path,
+) -> dict:
+    dm = build_datamodule(cfg, tokenizer, tasks, names, out_dir, splits=("test",))
+    # The module already holds the best adapter weights (export_best), so no checkpoint reload.
+    trainer.test(module, datamodule=dm, ckpt_path=None, verbose=False)
+    results = module.test_results
+    if not trainer.is_global_zero:
+        return {**results, "f1_mean": mean_f1(results) if results else None}  # rank 0 writes the merged predictions
+    rows = module.test_predictions
+    gold = [{"task": r["task"], "labels": r["gold_labels"], "aspect": r.get("aspect") or ""} for r in rows]
+    return write_evaluation(
+        rows,
+        results,
+        out_dir,
+        {n: tasks[n] for n in names},
+        log_text=bool(cfg.log_text),
+        loggers=trainer.loggers,
+        baseline=dm.majority_baseline(gold),
+        templates=OmegaConf.to_container(cfg.data.templates, resolve=True),
+    )
+
+
+def train(cfg: DictConfig) -> dict:
+    out_dir = Path(cfg.paths.output_dir)
+    tasks = build_tasks(cfg)
+    selected = selected_tasks(cfg, tasks)
+    plans = plan_stages(cfg, tasks)
+    tests = test_tasks(cfg, selected) if cfg.test else []
+    check_train_config(cfg, plans, tests, tasks)
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    done: dict[str, StageResult] = {}
+    summary_stages: dict[str, dict] = {}
+    test_metrics: dict | None = None
+    last: StageResult | None = None
+    for i, plan in enumerate(plans):
+        init, start = initial_adapter(cfg, plan, done, selected)
+        identity = registry.stage_identity(cfg, plan.name, plan.tasks, start)
+        is_last = i == len(plans) - 1
+        last, test_metrics = run_stage(cfg, plan, init, identity, tokenizer, tasks, out_dir, tests if is_last else [])
+        done[plan.name] = last
+        summary_stages[plan.name] = {
+            "init_adapter": init,
+            "best_adapter": str(last.best_adapter),
+            "best_val_f1_mean": last.best_score,
+            "best_checkpoint": last.best_ckpt,
+        }
+    summary = {
+        "stages": summary_stages,
+        "best_adapter": str(last.best_adapter),
+        "best_val_f1_mean": last.best_score,
+        "test": test_metrics,
+    }
+    if is_global_zero():
+        write_json_atomic(out_dir / "summary.json", summary)
+    return summary
+
+
+def run(cfg: DictConfig) -> float | None:
+    """train.py's job: one run, or one job of a sweep (a failing job is recorded and the sweep goes on)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from mentalglm.cli import log_user_error, single_console_logging
+    from mentalglm.commands.sweep import record_failure
+    from mentalglm.errors import UserError
+
+    single_console_logging()
+    hc = HydraConfig.get()
+    summary = None
+    try:
+        summary = train(cfg)
+    except Exception as e:
+        if hc.mode != RunMode.MULTIRUN:
+            if isinstance(e, UserError):
+                log_user_error(e)  # the traceback into train.log; the console gets one `error:` line
+            raise
+        # One failing job must not end the sweep: record why, let the others run; the sweep exits non-zero.
+        log.exception("job %s failed", hc.job.num)
+        record_failure(hc.runtime.output_dir, e)
+    if summary is None:
+        # The failed job's model and optimizer outlive its traceback (gone once the except block ends) in
+        # reference cycles: collect them now, not during the next job. None, not nan: Optuna marks the trial
+        # failed and the search goes on (a nan makes hydra-optuna-sweeper's second study.tell raise).
+        release_memory()
+        return None
+    test = summary.get("test") or {}
+    # The value an Optuna sweep optimises: the last stage's best validation score.
+    return summary.get("best_val_f1_mean") if summary.get("best_val_f1_mean") is not None else test.get("f1_mean")

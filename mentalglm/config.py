@@ -1,0 +1,224 @@
+"""Typed configuration: every knob has one key, one default (here) and a type.
+
+The YAML files under conf/ override only what differs. Each entry point's config (conf/train.yaml, ...) names its
+schema first in its defaults list, so a misspelt key or a value of the wrong type, in a YAML file, an experiment
+or on the command line, is an error instead of a silently ignored setting. Constructors take
+these dataclasses (`as_config` also accepts a plain dict or DictConfig, checked the same way).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, is_dataclass
+from typing import Any, TypeVar
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from mentalglm.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass
+class TinyModelConfig:
+    """An offline random GLM built into the cache (mentalglm/models/tiny.py)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int | None = None
+    initializer_range: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    pretrained: str | None = None  # a Hugging Face id or a local checkpoint directory
+    chat: bool = False  # prompts through the tokenizer's chat template (else `base_template`)
+    base_template: str = "{query}\n"
+    system: str | None = None
+    dtype: str = "bfloat16"  # float32 | bfloat16 | float16 | auto
+    attn_implementation: str | None = "sdpa"
+    quantization: str | None = None  # 4bit | 8bit (bitsandbytes, QLoRA)
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    tiny: TinyModelConfig | None = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.1
+    # Module names (a list) or a peft shorthand such as "all-linear".
+    target_modules: Any = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1.0e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.01
+    scheduler: str = "linear"  # linear (warm-up then linear decay, the paper's) | cosine | constant
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "hf"  # hf | vllm (evaluation and the final test)
+    max_new_tokens: int = 256  # test and evaluate: the full explanation
+    val_max_new_tokens: int = 48  # in-loop validation: the label sentence
+    # In-loop validation stops at the explanation marker (with its colon: a bare "推理" would cut 情绪化推理).
+    val_stop_strings: list[str] = field(default_factory=lambda: ["推理：", "推理:", "Reasoning"])
+    # In-loop validation: a prompt shorter than (1 - this) x its batch's longest starts a new batch. null = off.
+    val_max_pad_fraction: float | None = 0.25
+
+
+@dataclass
+class TaskDataConfig:
+    """One entry of `data.tasks`: a task and its files."""
+
+    definition: Any = None  # null = the built-in task of this name; else a task file path or an inline mapping
+    stage: Any = None  # the stage (or list of stages) that trains on the task; null = none (evaluation only)
+    train: str | None = None
+    val: str | None = None
+    val_size: Any = None  # carve val out of train: a count, or a fraction below 1
+    test: str | None = None
+    format: str | None = None  # null = the task's format (or detected from the file)
+    hub_splits: dict[str, str] | None = None  # Hugging Face dataset ids: {train: train, val: validation, ...}
+    # Pool the named splits and re-split them (seeded) into train and val: `val_fraction` of the pool to val.
+    pool: list[str] | None = None
+    val_fraction: float | None = None
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    # The tasks, in report order: name -> a TaskDataConfig mapping (checked by `task_entries`; typed Any so a
+    # whole entry can be added on the command line: +data.tasks.NAME={definition: ..., stage: two, train: ...}).
+    tasks: dict[str, Any] = field(default_factory=dict)
+    select: list[str] | None = None  # use only these of `tasks`, in this order (null = all)
+    dirs: dict[str, str] = field(default_factory=dict)  # folders the file paths interpolate (${data.dirs.imhi})
+    # Per-task template overrides, e.g. {sos_hl_1k: {query_template: "...{post}...", answer_template: "..."}}
+    templates: dict[str, Any] = field(default_factory=dict)
+    max_length: int = 1024
+    batch_size: int = 4  # micro-batch (the paper: 4, with gradient accumulation 8)
+    eval_batch_size: int = 32  # generation batch (val/test)
+    batching: str = "grouped"  # grouped (length-grouped buckets) | packed (padding-free) | random
+    bucket_batches: int = 100  # micro-batches per length-sorted bucket (grouped batching)
+    num_workers: int = 0
+    on_error: str = "raise"  # raise | skip (skips are counted and reported)
+    on_leak: str = "warn"  # warn | error: the same post in two splits
+    limit_eval: int | None = None  # cap val/test items per task (quick checks)
+
+
+@dataclass
+class StageConfig:
+    max_epochs: int = MISSING
+    # Where the stage's adapter starts: `base` (a fresh adapter on the base model), the name of an earlier stage
+    # (its best adapter: from this run when it ran before in the chain, else the stage registry), or an adapter
+    # directory.
+    init: str = "base"
+    merge_init: bool = False  # true: merge the adapter it starts from into the base and train a fresh one
+
+
+@dataclass
+class RunConfig:
+    """What every entry point's primary config holds (conf/<entry>.yaml names its schema first)."""
+
+    task_name: str = MISSING  # the entry point: train, evaluate, ...
+    experiment_name: str = "default"  # W&B group and output sub-folder
+    seed: int = 42
+    log_text: bool = False  # W&B tables of sample model outputs (never the posts)
+    paths: Any = MISSING
+    model: ModelConfig = MISSING
+    lora: LoraConfig | None = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    data: DataConfig = MISSING
+    trainer: Any = MISSING
+    logger: Any = None
+    local: Any = None  # conf/local/default.yaml, if a user keeps machine-specific settings there
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    task_name: str = "train"
+    # The stages this run trains, in order (`stage=` and `variant=` configs set it), and its name in reports.
+    chain: list[str] = field(default_factory=lambda: ["two"])
+    variant: str | None = None
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    test: bool = True  # test the last stage's best adapter on every selected task that has a test file
+    ckpt_path: str | None = None  # a checkpoint to continue from, or "last" (= resume=true)
+    resume: Any = False  # true (the newest unfinished run of this experiment), or a run directory
+    max_bad_steps: int = 20  # consecutive non-finite losses (skipped steps) before the run stops
+    callbacks: Any = None
+
+
+@dataclass
+class EvaluateConfig(RunConfig):
+    task_name: str = "evaluate"
+    adapter: str | None = None  # a LoRA adapter directory
+    run_dir: str | None = None  # a train.py run directory: its last stage's best adapter
+    predictions: str | None = None  # score this JSONL file of outputs, no model
+    report: str | None = None  # ablation: rebuild a sweep's table (sweep_dir=)
+    sweep_dir: str | None = None
+    split: str = "test"  # test | val
+    shots: int = 0  # k solved training examples in each prompt (zero/few-shot baselines)
+    save_inputs: bool = False  # write each prompt (with the post) into predictions.jsonl
+    resume: Any = False  # true: continue the newest interrupted evaluation, keeping its written predictions
+    output_dir: str = MISSING
+
+
+SCHEMAS = {"train_schema": TrainConfig, "evaluate_schema": EvaluateConfig}
+
+
+def register_configs() -> None:
+    """Put the entry points' schemas in Hydra's ConfigStore; conf/<entry>.yaml lists its schema first."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        cs.store(name=name, node=schema)
+
+
+def as_config(schema: type[T], value: Any) -> T:
+    """`value` (a `schema` instance, a dict or a DictConfig) as a `schema` instance, checked: unknown keys and
+    values of the wrong type are a ConfigError."""
+    if isinstance(value, schema):
+        return value
+    if value is None:
+        value = {}
+    try:
+        if is_dataclass(value):
+            value = OmegaConf.structured(value)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), value)
+        return OmegaConf.to_object(merged)
+    except Exception as e:  # omegaconf's ValidationError / ConfigKeyError
+        first = str(e).strip().splitlines()[0]
+        raise ConfigError(f"{schema.__name__}: {first}") from None
+
+
+def task_entries(data: DataConfig | Any) -> dict[str, TaskDataConfig]:
+    """`data.tasks`, each entry checked against TaskDataConfig (a misspelt key is an error naming the task)."""
+    tasks = data.tasks if not isinstance(data, dict) else data.get("tasks", {})
+    out = {}
+    for name, entry in (tasks or {}).items():
+        if isinstance(entry, TaskDataConfig):
+            out[name] = entry
+            continue
+        try:
+            out[name] = as_config(TaskDataConfig, entry)
+        except ConfigError as e:
+            raise ConfigError(f"data.tasks.{name}: {str(e).split(': ', 1)[-1]}") from None
+    return out
+
+
+def to_dict(value: Any) -> dict:
+    """A config (dataclass, DictConfig or dict) as plain, resolved data."""
+    if isinstance(value, DictConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if is_dataclass(value):
+        return OmegaConf.to_container(OmegaConf.structured(value), resolve=True)
+    return dict(value or {})

@@ -1,0 +1,125 @@
+"""Crash-safe file writes: a reader never sees a half-written metrics.json or report.
+
+Files are written to a temporary name in the same directory and renamed into place, with the permissions
+the user's umask gives a new file (a temporary file is created 0600, which would hide the result from a
+group sharing the run directory). A disk that is full or read-only ends in one `OutputError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from mentalglm.errors import OutputError
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _stage(path: Path, data: bytes) -> Path:
+    """Write `data` to a temporary file beside `path`; return its name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory, so os.replace never crosses a filesystem boundary.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _encode(text: str | bytes) -> bytes:
+    # A lone surrogate (a model can emit one) must not make a whole evaluation unwritable.
+    return text.encode("utf-8", errors="backslashreplace") if isinstance(text, str) else text
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def to_json(obj, indent: int | None = None) -> str:
+    """JSON text that round-trips any Python string: lone surrogates are written as \\uXXXX escapes (valid JSON
+    that json.loads reads back as the same character), not as bytes UTF-8 cannot hold."""
+    text = json.dumps(obj, ensure_ascii=False, indent=indent)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def output_error(path: Path, error: OSError) -> OutputError:
+    return OutputError(
+        f"cannot write {path}: {error.strerror or error} (is the output directory writable and is "
+        "there disk space? set output_dir= or hydra.run.dir= elsewhere)"
+    )
+
+
+def write_atomic(path: str | os.PathLike, text: str | bytes) -> Path:
+    """Write to a temp file in the same directory, then rename over `path` (atomic on POSIX)."""
+    return write_files_atomic({path: text})[0]
+
+
+def write_files_atomic(files: Mapping[str | os.PathLike, str | bytes]) -> list[Path]:
+    """Write several files as one unit: each is staged under a temporary name first and only when all are on
+    disk are they renamed into place, so a failure (full or read-only disk) leaves none of them written."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, text in files.items():
+            path = Path(path)
+            staged.append((_stage(path, _encode(text)), path))
+    except OSError as e:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise output_error(Path(path), e) from None
+    try:
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)  # nothing left after a failed rename (renamed ones are gone already)
+    return [path for _, path in staged]
+
+
+def dumps_json(obj, indent: int | None = 2) -> str:
+    return to_json(obj, indent) + "\n"
+
+
+def write_json_atomic(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
+    return write_atomic(path, dumps_json(obj, indent))
+
+
+def jsonl_text(rows: Iterable[Mapping]) -> str:
+    return "".join(to_json(r) + "\n" for r in rows)
+
+
+def append_jsonl(path: str | os.PathLike, rows: Mapping | Iterable[Mapping], fsync: bool = False) -> Path:
+    """Append one row or many rows as JSON lines. Each line is written whole, in one write call.
+
+    `fsync=True`: on disk when this returns, so a crash right after loses nothing written before it
+    (a crash during the write can leave a torn last line: readers drop a line without its newline)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(rows, Mapping):
+        rows = [rows]
+    data = _encode(jsonl_text(rows))
+    try:
+        with open(path, "ab") as f:
+            f.write(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+    except OSError as e:
+        raise output_error(path, e) from None
+    return path
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
+    return write_atomic(path, jsonl_text(rows))

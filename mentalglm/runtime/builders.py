@@ -1,0 +1,188 @@
+"""The one set of builders every entry point uses: tasks, datamodule, module, loggers, callbacks, trainer.
+
+Each maps a composed config (conf/, schema mentalglm/config.py) to one constructor; nothing is set on the built
+objects afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mentalglm.config import (
+    DataConfig,
+    GenerationConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimizerConfig,
+    as_config,
+    task_entries,
+    to_dict,
+)
+from mentalglm.data.datamodule import InstructionDataModule
+from mentalglm.errors import ConfigError
+from mentalglm.models import packed_attention
+from mentalglm.models.module import MentalGLMModule
+from mentalglm.runtime.distributed import missing_strategy_package
+from mentalglm.tasks import Task, resolve_tasks
+
+
+def _typed(schema, node):
+    """A composed config node as its schema's dataclass (composition has already checked it)."""
+    if isinstance(node, DictConfig) and OmegaConf.get_type(node) is schema:
+        return OmegaConf.to_object(node)
+    return as_config(schema, node)
+
+
+# ----------------------------------------------------------------------------- tasks
+def build_tasks(cfg: DictConfig) -> dict[str, Task]:
+    """Every task of the data config (data.tasks, in its order, entries checked), with data.templates applied."""
+    entries = {
+        name: to_dict(entry) for name, entry in task_entries(OmegaConf.to_container(cfg.data, resolve=True)).items()
+    }
+    return resolve_tasks(entries, OmegaConf.to_container(cfg.data.templates, resolve=True))
+
+
+def selected_tasks(cfg: DictConfig, tasks: dict[str, Task]) -> list[str]:
+    """data.select (in its order), or every task of the data config; unknown names are an error."""
+    select = cfg.data.get("select")
+    if select is None:
+        return list(tasks)
+    unknown = [t for t in select if t not in tasks]
+    if unknown:
+        known = ", ".join(tasks)
+        raise ConfigError(
+            f"unknown task {unknown[0]!r} in data.select; known tasks: {known} (a new task needs "
+            f"data.tasks.{unknown[0]} with its files and, unless it is built in, a definition)"
+        )
+    return list(dict.fromkeys(select))  # in the order given: the order of every report
+
+
+def stage_names(entry) -> list[str]:
+    stage = entry.get("stage") if entry is not None else None
+    if stage is None:
+        return []
+    return [str(stage)] if isinstance(stage, (str, int)) else [str(s) for s in stage]
+
+
+def stage_tasks(cfg: DictConfig, selected: list[str], stage: str) -> list[str]:
+    """The selected tasks a stage trains on (their data entry names the stage)."""
+    return [t for t in selected if stage in stage_names(cfg.data.tasks[t])]
+
+
+def test_tasks(cfg: DictConfig, selected: list[str]) -> list[str]:
+    """The selected tasks with a test file: what a run is tested on after its last stage."""
+    return [t for t in selected if cfg.data.tasks[t].get("test")]
+
+
+# ----------------------------------------------------------------------------- data and model
+def build_datamodule(
+    cfg: DictConfig,
+    tokenizer,
+    tasks: dict[str, Task],
+    names: list[str],
+    out_dir: Path,
+    splits=("train", "val", "test"),
+    *,
+    test_split: str = "test",
+    shots: int = 0,
+    skip: Collection[tuple[str, str, str]] = (),
+) -> InstructionDataModule:
+    model = cfg.model
+    return InstructionDataModule(
+        tokenizer,
+        {n: tasks[n] for n in names},
+        _typed(DataConfig, cfg.data),
+        chat=bool(model.chat),
+        seed=int(cfg.seed),
+        base_template=model.base_template,
+        system=model.get("system"),
+        cache_dir=Path(cfg.paths.cache_dir) / "datasets",
+        split_file=out_dir / "split.json",
+        splits=tuple(splits),
+        test_split=test_split,
+        shots=shots,
+        val_max_pad_fraction=cfg.generation.val_max_pad_fraction,
+        skip=skip,
+    )
+
+
+def build_module(
+    cfg: DictConfig,
+    tokenizer,
+    tasks: dict[str, Task],
+    init_adapter: str | None,
+    *,
+    merge_init: bool = False,
+    train: bool = True,
+    keep_inputs: bool = False,
+) -> MentalGLMModule:
+    """`train=False`: the adapter (if any) is loaded as it was trained, for generation only."""
+    model = _typed(ModelConfig, cfg.model)
+    # Packed rows: attention per sample, not over the whole row.
+    model.attn_implementation = packed_attention.attention_for(cfg.data.batching, model.attn_implementation)
+    lora = _typed(LoraConfig, cfg.lora) if train and cfg.get("lora") is not None else None
+    return MentalGLMModule(
+        model=model,
+        lora=lora,
+        optimizer=_typed(OptimizerConfig, cfg.optimizer),
+        generation=_typed(GenerationConfig, cfg.generation),
+        tasks=tasks,
+        tokenizer=tokenizer,
+        init_adapter=init_adapter,
+        merge_init_adapter=merge_init,
+        cache_dir=str(cfg.paths.cache_dir),
+        max_bad_steps=int(cfg.get("max_bad_steps", 20)),
+        keep_inputs=keep_inputs,
+    )
+
+
+# ----------------------------------------------------------------------------- Lightning
+def build_loggers(cfg: DictConfig, run_name: str, out_dir: Path, job_type: str = "train") -> list:
+    from mentalglm.tracking import wandb_group, wandb_offline
+
+    loggers = []
+    for key, lcfg in (cfg.get("logger") or {}).items():
+        if lcfg is None:
+            continue
+        if "_target_" not in lcfg:
+            raise ConfigError(
+                f"logger.{key} has no _target_ (a partial override of a logger the logger config "
+                f"does not define?): {OmegaConf.to_container(lcfg)}"
+            )
+        kwargs: dict[str, Any] = {"save_dir": str(out_dir)}
+        if "WandbLogger" in lcfg._target_:
+            kwargs.update(
+                name=run_name, group=wandb_group(cfg.experiment_name), job_type=job_type, reinit="finish_previous"
+            )
+            if lcfg.get("offline") is None:
+                kwargs["offline"] = wandb_offline()
+        loggers.append(instantiate(lcfg, **kwargs))
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, ckpt_dir: Path | None, extra: list | None = None) -> list:
+    """The configured callbacks (checkpoints into `ckpt_dir`; none when it is None), then `extra`."""
+    callbacks = []
+    for key, ccfg in (cfg.get("callbacks") or {}).items():
+        if ccfg is None:
+            continue
+        if key == "progress_bar" and not cfg.trainer.get("enable_progress_bar", True):
+            continue  # trainer.enable_progress_bar=false alone turns the bar off (Lightning refuses both)
+        is_checkpoint = ccfg._target_.endswith("Checkpoint")
+        if is_checkpoint and ckpt_dir is None:
+            continue
+        callbacks.append(instantiate(ccfg, **({"dirpath": str(ckpt_dir)} if is_checkpoint else {})))
+    return callbacks + list(extra or [])
+
+
+def build_trainer(cfg: DictConfig, loggers: list, callbacks: list, max_epochs: int = 1) -> L.Trainer:
+    problem = missing_strategy_package(OmegaConf.to_container(cfg.trainer, resolve=False))
+    if problem:
+        raise ConfigError(problem)
+    return instantiate(cfg.trainer, max_epochs=int(max_epochs), logger=loggers or False, callbacks=callbacks)

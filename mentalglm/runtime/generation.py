@@ -1,0 +1,157 @@
+"""Batched greedy generation: left padding, length-sorted batches, GLM-4 stop ids, optional stop strings.
+
+Sorting prompts by length makes batches nearly pad-free and is where most of the speed-up over batch-1
+generation comes from (benchmarks/README.md); `generate` returns results in the input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+GLM4_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """GLM-4's three stop ids looked up by name (those the tokenizer has), else the tokenizer's eos."""
+    vocab = tokenizer.get_vocab()
+    ids = [vocab[t] for t in GLM4_STOP_TOKENS if t in vocab]
+    if not ids and tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id]
+    return ids
+
+
+class StopOnStrings(StoppingCriteria):
+    """Per-row stop once the generated text (after `prompt_width`) contains any of `stop_strings`.
+
+    Decodes only a tail window long enough to hold the longest stop string (a byte-level token holds at
+    least one byte), so the cost per step stays constant.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_width: int):
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(s for s in stop_strings if s)
+        self.prompt_width = prompt_width
+        self.window = max(len(s.encode("utf-8")) for s in self.stop_strings) + 2
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        tail = input_ids[:, max(self.prompt_width, input_ids.shape[1] - self.window) :]
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
+        done = [any(s in t for s in self.stop_strings) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+    """Text before the first stop string (a token may overshoot it; batch and batch-1 then agree)."""
+    cut = len(text)
+    for s in stop_strings:
+        if s and (i := text.find(s)) >= 0:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+        attention_mask[row, width - len(p) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def plan_batches(
+    lengths: Sequence[int], batch_size: int, max_pad_fraction: float | None = None, sort_by_length: bool = True
+) -> list[list[int]]:
+    """Generation batches of item indices: longest first (an out-of-memory shows up on the first batch, not at
+    the end), at most `batch_size` long, and with `max_pad_fraction` a prompt shorter than (1 - it) x its batch's
+    longest starts a new batch, so a split's few long prompts do not pad short ones (worth it for label-only
+    answers, whose compute is mostly the prompts). The one place generation batches are composed: evaluation
+    loaders and `generate` both use it."""
+    order = list(range(len(lengths)))
+    if sort_by_length:
+        order.sort(key=lambda i: (-lengths[i], i))
+    else:
+        max_pad_fraction = None
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        if (
+            current is None
+            or len(current) == batch_size
+            or (max_pad_fraction is not None and lengths[i] < (1 - max_pad_fraction) * lengths[current[0]])
+        ):
+            batches.append([i])
+        else:
+            current.append(i)
+    return batches
+
+
+def generation_config(tokenizer, max_new_tokens: int) -> GenerationConfig:
+    stops = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    # A fresh config: the checkpoint's own (GLM-4-chat: do_sample, temperature 0.8, top_p 0.8) must not leak in.
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        eos_token_id=stops,
+        pad_token_id=pad_id,
+    )
+
+
+@torch.inference_mode()
+def generate_batch(
+    model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 64, stop_strings: Sequence[str] = ()
+) -> list[str]:
+    """Greedy continuations of one batch of prompts (token ids), left-padded together as given, decoded without
+    special tokens, cut before the first stop string and stripped. Works on plain and peft-wrapped models."""
+    if not prompts:
+        return []
+    config = generation_config(tokenizer, max_new_tokens)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        input_ids, attention_mask = _left_pad(prompts, config.pad_token_id, device)
+        criteria = StoppingCriteriaList()
+        if any(stop_strings):
+            criteria.append(StopOnStrings(tokenizer, stop_strings, input_ids.shape[1]))
+        # synced_gpus=False: transformers turns it on for FSDP-managed models, all-reducing every step so
+        # ranks finish together; here each rank generates on its own (runtime/distributed.gathered_for_generation).
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            stopping_criteria=criteria,
+            synced_gpus=False,
+        )
+        texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return [cut_at_stop_strings(text, stop_strings).strip() for text in texts]
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    stop_strings: Sequence[str] = (),
+    sort_by_length: bool = True,
+    max_pad_fraction: float | None = None,
+) -> list[str]:
+    """Greedy continuations of any number of prompts, batched by `plan_batches`, in the input order."""
+    results: list[str] = [""] * len(prompts)
+    for rows in plan_batches([len(p) for p in prompts], batch_size, max_pad_fraction, sort_by_length):
+        texts = generate_batch(
+            model, tokenizer, [prompts[i] for i in rows], max_new_tokens=max_new_tokens, stop_strings=stop_strings
+        )
+        for i, text in zip(rows, texts):
+            results[i] = text
+    return results
