@@ -109,8 +109,11 @@ def test_load_report_summary():
 
 
 def test_mixed_gbk_and_utf8_lines_are_refused_not_turned_into_mojibake(tmp_path):
-    data = ("0\t1\t半夜睡不着\n1\t0\t压力很大\n".encode("gbk") + "1\t0\t一个人想结束生命\n".encode("utf-8")
-            + "0\t1\t心情低落\n".encode("gbk"))
+    data = (
+        "0\t1\t半夜睡不着\n1\t0\t压力很大\n".encode("gbk")
+        + "1\t0\t一个人想结束生命\n".encode()
+        + "0\t1\t心情低落\n".encode("gbk")
+    )
     path = write(tmp_path, data, "mixed.tsv")
     with pytest.raises(DataError, match="mixed encodings") as e:
         read_text(path)

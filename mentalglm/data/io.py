@@ -122,9 +122,13 @@ def _decode(raw: bytes, path) -> str:
                 offset = e.start
             raise _undecodable(path, raw, start + offset, chosen)
         if kind is not None and kind != chosen:
-            raise DataError(path, "mixed encodings", line=i + 1,
-                            detail=f"this line is {kind} but line {kinds.index(chosen) + 1} is {chosen}; save the "
-                                   "file in one encoding (UTF-8)")
+            raise DataError(
+                path,
+                "mixed encodings",
+                line=i + 1,
+                detail=f"this line is {kind} but line {kinds.index(chosen) + 1} is {chosen}; save the "
+                "file in one encoding (UTF-8)",
+            )
         start += len(line) + 1
     return raw.decode(chosen)
 
