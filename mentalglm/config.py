@@ -65,14 +65,36 @@ class OptimizerConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM server the project starts (mentalglm/serving/vllm.py), or one already running (base_url)."""
+
+    base_url: str | None = None  # an OpenAI-compatible vLLM server already serving this model and adapter
+    model: str = "mentalglm"  # the name the adapter is served under (on base_url, or on the server started here)
+    # The Python that has vLLM (`make vllm` installs it into .venv-vllm, apart from the project's environment,
+    # whose transformers it would downgrade); null = $MENTALGLM_VLLM_PYTHON, else .venv-vllm, else this Python.
+    python: str | None = None
+    dtype: str = "auto"  # auto: the model's dtype (float32 on a CPU: bf16 outputs differ from HF's)
+    max_model_len: int | None = None  # null = data.max_length + the generation cap
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool | None = None  # null = true on a CPU (no CUDA graphs there)
+    cpu_kvcache_space_gb: int = 1  # VLLM_CPU_KVCACHE_SPACE on a CPU
+    max_lora_rank: int = 64
+    startup_timeout_s: int = 600
+    concurrency: int = 32  # requests in flight at once from evaluate.py/predict.py
+    extra_args: list[str] = field(default_factory=list)  # passed to the server as they are
+
+
+@dataclass
 class GenerationConfig:
-    backend: str = "hf"  # hf | vllm (evaluation and the final test)
+    backend: str = "hf"  # hf | vllm: what evaluate.py, the final test of train.py and predict.py generate with
     max_new_tokens: int = 256  # test and evaluate: the full explanation
     val_max_new_tokens: int = 48  # in-loop validation: the label sentence
     # In-loop validation stops at the explanation marker (with its colon: a bare "推理" would cut 情绪化推理).
     val_stop_strings: list[str] = field(default_factory=lambda: ["推理：", "推理:", "Reasoning"])
     # In-loop validation: a prompt shorter than (1 - this) x its batch's longest starts a new batch. null = off.
     val_max_pad_fraction: float | None = 0.25
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -171,7 +193,65 @@ class EvaluateConfig(RunConfig):
     output_dir: str = MISSING
 
 
-SCHEMAS = {"train_schema": TrainConfig, "evaluate_schema": EvaluateConfig}
+@dataclass
+class PredictConfig(RunConfig):
+    task_name: str = "predict"
+    adapter: str | None = None
+    run_dir: str | None = None
+    text: str | None = None  # one post
+    input: str | None = None  # a JSONL or CSV file of posts
+    text_field: str = "text"  # the column (CSV) or field (JSONL) holding the post
+    id_field: str = "id"  # the column or field holding an item id (row number when absent)
+    task: str | None = None  # the task of every item; null = each row's `task` field
+    aspect: str | None = None
+    output: str | None = None  # null = predictions.jsonl in the run directory
+    resume: Any = False
+    output_dir: str = MISSING
+
+
+@dataclass
+class ServeSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    backend: str = "hf"  # hf (the project's batched generation) | vllm
+    model_name: str = "mentalglm"  # the model id clients ask for
+    # Required whenever the server listens beyond loopback: clients send `Authorization: Bearer <key>`.
+    api_key_env: str = "MENTALGLM_API_KEY"
+    max_batch_size: int = 16  # hf: concurrent requests generated together
+    max_wait_ms: float = 10.0  # hf: how long the first request of a batch waits for company
+    queue_size: int = 64  # waiting requests; beyond, 503 with Retry-After
+    timeout_s: float = 300.0  # per request
+    max_tokens: int = 512  # cap on a request's max_tokens (and its default)
+    retry_after_s: int = 2
+
+
+@dataclass
+class ServeConfig(RunConfig):
+    task_name: str = "serve"
+    adapter: str | None = None
+    run_dir: str | None = None
+    serve: ServeSettings = field(default_factory=ServeSettings)
+    output_dir: str = MISSING
+
+
+@dataclass
+class ExportConfig(RunConfig):
+    task_name: str = "export"
+    adapter: str | None = None
+    run_dir: str | None = None
+    output: str | None = None  # the merged checkpoint directory (null = merged/ in the run directory)
+    dtype: str | None = None  # save in this dtype (null = the model's)
+    check_tolerance: float = 1.0e-4  # merged vs adapter logits, max absolute difference allowed
+    output_dir: str = MISSING
+
+
+SCHEMAS = {
+    "train_schema": TrainConfig,
+    "evaluate_schema": EvaluateConfig,
+    "predict_schema": PredictConfig,
+    "serve_schema": ServeConfig,
+    "export_schema": ExportConfig,
+}
 
 
 def register_configs() -> None:

@@ -1,8 +1,8 @@
-"""Tasks are data: one YAML file per task (conf/task/<name>.yaml), read into the typed `Task` everything else uses.
+"""Tasks are data: one YAML file per task (conf/tasks/<name>.yaml), read into the typed `Task` everything else uses.
 
 A task file holds the task's name, display name, kind, labels (with display names), query/answer templates,
 explanation marker, parser aliases, positive class, parents, aspects and raw format. The built-in tasks are
-read from conf/task the same way a user's task is read from any path (`data.tasks.<name>.definition`).
+read from conf/tasks the same way a user's task is read from any path (`data.tasks.<name>.definition`).
 
 Record schema shared by every loader (one row of a `datasets.Dataset`):
     task      task name
@@ -31,7 +31,7 @@ SINGLE_LABEL_KINDS = ("binary", "multiclass")
 LANGUAGES = ("zh", "en")
 SECONDARY_METRICS = ("accuracy", "f1_weighted")
 RECORD_FIELDS = ("task", "id", "query", "answer", "labels", "aspect", "post_start", "post_end")
-TASK_DIR = Path(__file__).resolve().parents[1] / "conf" / "task"
+TASK_DIR = Path(__file__).resolve().parents[1] / "conf" / "tasks"
 # Template fields a data config may override per task (data.templates.<task>.<field>).
 # Keys of metrics.json beside the metric keys (mentalglm/reporting/writer.py): no task's metric key may be one.
 RESERVED_NAMES = frozenset({"f1_mean", "majority_baseline", "tasks", "templates", "schema_version"})
@@ -273,7 +273,7 @@ def load_task_file(path: str | Path) -> Task:
 
 @lru_cache(maxsize=1)
 def builtin_tasks() -> dict[str, Task]:
-    """Every task file in conf/task, by name (file order: alphabetical)."""
+    """Every task file in conf/tasks, by name (file order: alphabetical)."""
     tasks = {}
     for path in sorted(TASK_DIR.glob("*.yaml")):
         task = load_task_file(path)
@@ -284,7 +284,7 @@ def builtin_tasks() -> dict[str, Task]:
 
 
 class _BuiltinTasks(Mapping):
-    """`TASKS`: the built-in tasks, read from conf/task on first use."""
+    """`TASKS`: the built-in tasks, read from conf/tasks on first use."""
 
     def __getitem__(self, name: str) -> Task:
         return builtin_tasks()[name]

@@ -98,7 +98,7 @@ def test_a_task_file_reads_into_the_typed_task(tmp_path):
 
 
 def test_built_in_tasks_are_task_files():
-    names = {p.stem for p in (ROOT / "conf" / "task").glob("*.yaml")}
+    names = {p.stem for p in (ROOT / "conf" / "tasks").glob("*.yaml")}
     assert names == set(TASKS) and {"sos_hl_1k", "socialcd_3k", "cp"} <= names
     cp = TASKS["cp"]
     assert cp.labels[:4] == ("触发性事件", "认知歪曲", "情绪反应", "驳斥") and len(cp.children) == 19

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from mentalglm.checks import check_evaluate_config
 from mentalglm.data.datamodule import item_key
 from mentalglm.errors import ConfigError
 from mentalglm.fileio.partial import PartialPredictions, fingerprint
-from mentalglm.models.loading import check_adapter_dir, load_tokenizer
+from mentalglm.models.loading import load_tokenizer
 from mentalglm.models.module import ROW_FIELDS
 from mentalglm.reporting.writer import score_predictions_file, write_evaluation
 from mentalglm.runtime.builders import (
@@ -21,6 +20,7 @@ from mentalglm.runtime.builders import (
     build_module,
     build_tasks,
     build_trainer,
+    resolve_adapter,
     selected_tasks,
 )
 from mentalglm.runtime.resume import wants_resume
@@ -41,22 +41,6 @@ def run(cfg: DictConfig) -> dict:
     except UserError as e:
         log_user_error(e)  # the traceback into evaluate.log; the console gets one `error:` line
         raise
-
-
-def resolve_adapter(cfg: DictConfig) -> str | None:
-    """adapter=PATH, or run_dir=PATH (the best adapter of the run's last stage), or None (no adapter)."""
-    if cfg.get("adapter"):
-        return str(check_adapter_dir(cfg.adapter, "adapter"))
-    if cfg.get("run_dir"):
-        run = Path(cfg.run_dir)
-        summary = run / "summary.json"
-        if summary.is_file():
-            return str(check_adapter_dir(json.loads(summary.read_text())["best_adapter"], "run_dir's best adapter"))
-        stages = sorted(run.glob("stage_*/best_adapter"))
-        if not stages:
-            raise ConfigError(f"run_dir={run} holds no stage_*/best_adapter: is it a finished train.py run directory?")
-        return str(stages[-1])
-    return None
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -131,12 +115,14 @@ def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task]) -> di
     loggers = build_loggers(cfg, f"{cfg.model.name}/evaluate/{cfg.split}", out_dir, job_type="evaluate")
     trainer = build_trainer(cfg, loggers, [progress])
     try:
-        if cfg.split in dm.datasets:
-            trainer.test(module, datamodule=dm, verbose=False)
+        if cfg.generation.backend == "vllm":
+            new = vllm_rows(cfg, tokenizer, dm, cfg.split, adapter, out_dir, on_rows=progress.append)
+        else:
+            if cfg.split in dm.datasets:
+                trainer.test(module, datamodule=dm, verbose=False)
+            new = module.test_predictions
         # Rows written before an interruption and rows of this session, scored together by the one scoring path.
-        rows, results = score(
-            [{k: r[k] for k in (*ROW_FIELDS, "query") if k in r} for r in done + module.test_predictions], eval_tasks
-        )
+        rows, results = score([{k: r[k] for k in (*ROW_FIELDS, "query") if k in r} for r in done + new], eval_tasks)
         if not trainer.is_global_zero:
             return results  # every rank holds all rows and metrics; rank 0 alone writes them
         title = (
@@ -171,3 +157,49 @@ def prediction_settings(cfg: DictConfig, tasks: list[str]) -> dict:
         "data": {k: data.get(k) for k in ("max_length", "limit_eval", "templates")},
         "files": {t: data["tasks"][t] for t in tasks},
     }
+
+
+def vllm_rows(
+    cfg: DictConfig, tokenizer, dm, split: str, adapter: str | None, out_dir: Path, on_rows=None, chunk: int = 256
+) -> list[dict]:
+    """The split's answers from vLLM (`generation.backend=vllm`), as the test loop's rows; `on_rows` receives each
+    chunk as it is done (evaluate.py appends them to its partial predictions)."""
+    from tqdm import tqdm
+
+    from mentalglm.models.loading import resolve_pretrained
+    from mentalglm.serving.vllm import vllm_generator
+
+    if split not in dm.datasets:
+        return []
+    ds = dm.datasets[split]
+    items = [ds[i] for i in range(len(ds))]
+    rows: list[dict] = []
+    bar = tqdm(total=len(items), desc=f"vLLM {split}", disable=not cfg.trainer.get("enable_progress_bar", True))
+    max_tokens = int(cfg.generation.max_new_tokens)
+    with vllm_generator(
+        cfg.generation.vllm,
+        resolve_pretrained(cfg.model, cfg.paths.cache_dir),
+        tokenizer,
+        adapter=adapter,
+        max_model_len=int(cfg.data.max_length) + max_tokens,
+        log_file=out_dir / "vllm.log",
+    ) as generate:
+        for start in range(0, len(items), chunk):
+            part = items[start : start + chunk]
+            texts = generate([x["input_ids"] for x in part], max_tokens, progress=bar.update)
+            new = [
+                {
+                    "task": x["task"],
+                    "id": x["id"],
+                    "index": int(x["index"]),
+                    "aspect": x["aspect"],
+                    "output": text,
+                    "gold_labels": list(x["labels"]),
+                }
+                for x, text in zip(part, texts)
+            ]
+            if on_rows is not None:
+                on_rows(new)
+            rows += new
+    bar.close()
+    return rows

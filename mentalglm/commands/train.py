@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import logging
 import pickle
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mentalglm.checks import check_train_config
 from mentalglm.errors import CheckpointError, ConfigError
-from mentalglm.fileio.atomic import write_json_atomic
+from mentalglm.fileio.atomic import replace_dir_atomic, write_json_atomic
 from mentalglm.models.loading import check_adapter_dir, load_tokenizer
 from mentalglm.models.module import MentalGLMModule
 from mentalglm.reporting.writer import write_evaluation
@@ -181,7 +180,7 @@ def run_stage(
             raise CheckpointError(problem)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         result = export_best(trainer, module, plan, stage_dir, identity)
-        if test_names:
+        if test_names and cfg.generation.backend == "hf":
             test_metrics = run_test(cfg, trainer, module, tokenizer, tasks, test_names, out_dir / "test")
     finally:
         finish_loggers(loggers)
@@ -191,6 +190,9 @@ def run_stage(
         release_memory()
     if not is_global_zero():
         return result, test_metrics
+    if test_names and cfg.generation.backend == "vllm":
+        # After the trained model is gone: vLLM loads the base and the exported adapter itself.
+        test_metrics = run_test_vllm(cfg, tokenizer, tasks, test_names, out_dir / "test", result.best_adapter)
     registry.register(cfg.paths.registry_dir, identity, result.best_adapter, out_dir, result.best_score)
     mark_stage_done(
         stage_dir,
@@ -265,19 +267,6 @@ def export_best(
     return StageResult(plan.name, adapter_dir, score, best or None, identity)
 
 
-def replace_dir_atomic(target: Path, write) -> None:
-    """`write(tmp)` fills a temporary directory that then takes `target`'s place: a crash leaves the
-    previous directory or the new one complete, never a half-written one under the final name."""
-    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def run_test(
     cfg: DictConfig,
     trainer: L.Trainer,
@@ -302,6 +291,28 @@ def run_test(
         {n: tasks[n] for n in names},
         log_text=bool(cfg.log_text),
         loggers=trainer.loggers,
+        baseline=dm.majority_baseline(gold),
+        templates=OmegaConf.to_container(cfg.data.templates, resolve=True),
+    )
+
+
+def run_test_vllm(
+    cfg: DictConfig, tokenizer, tasks: dict[str, Task], names: list[str], out_dir: Path, adapter: Path
+) -> dict:
+    """The final test with `generation.backend=vllm`: the best adapter served by vLLM, scored and written as the
+    hf backend's test is."""
+    from mentalglm.commands.evaluate import vllm_rows
+    from mentalglm.scoring.score import score
+
+    dm = build_datamodule(cfg, tokenizer, tasks, names, out_dir, splits=("test",))
+    dm.setup("test")
+    rows, results = score(vllm_rows(cfg, tokenizer, dm, "test", str(adapter), out_dir), {n: tasks[n] for n in names})
+    gold = [{"task": r["task"], "labels": r["gold_labels"], "aspect": r.get("aspect") or ""} for r in rows]
+    return write_evaluation(
+        rows,
+        results,
+        out_dir,
+        {n: tasks[n] for n in names},
         baseline=dm.majority_baseline(gold),
         templates=OmegaConf.to_container(cfg.data.templates, resolve=True),
     )

@@ -18,7 +18,7 @@ import datasets
 IGNORE_INDEX = -100
 DEFAULT_BASE_TEMPLATE = "{query}\n"
 # Bump when rendering changes, so cached tokenized datasets are not reused.
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 # Record columns carried through tokenization and into generation batches (gold `labels` becomes
 # `label_names` when the token `labels` column takes its name, i.e. for training data).
 META_COLUMNS = ("task", "id", "labels", "aspect")
@@ -32,7 +32,7 @@ def _messages(query: str, system: str | None, answer: str | None = None) -> list
     return messages
 
 
-def _chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
     # transformers 5 returns a BatchEncoding unless return_dict=False.
     return list(
         tokenizer.apply_chat_template(
@@ -51,7 +51,7 @@ def auto_prefix(tokenizer) -> list[int]:
     return []
 
 
-def _plain_ids(tokenizer, text: str) -> list[int]:
+def plain_ids(tokenizer, text: str) -> list[int]:
     """Plain text with the auto-prefix exactly once, and no auto-suffix (an eos would end the prompt)."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     prefix = auto_prefix(tokenizer)
@@ -71,11 +71,11 @@ def render_prompt(
 ) -> list[int]:
     """Prompt ids a model continues with the answer (chat: ends with `<|assistant|>` for GLM-4)."""
     if chat:
-        return _chat_ids(tokenizer, _messages(query, system), add_generation_prompt=True)
+        return chat_ids(tokenizer, _messages(query, system), add_generation_prompt=True)
     text = base_template.replace("{query}", query)
     if system:
         text = f"{system}\n{text}"
-    return _plain_ids(tokenizer, text)
+    return plain_ids(tokenizer, text)
 
 
 def _render(tokenizer, query: str, answer: str | None, *, chat, base_template, system) -> tuple[list[int], list[int]]:
@@ -87,7 +87,7 @@ def _render(tokenizer, query: str, answer: str | None, *, chat, base_template, s
     if chat:
         # Render the whole conversation so the ids are exactly what the template produces; everything
         # after the generation prompt (GLM-4: "\n" + answer) is the answer part.
-        full = _chat_ids(tokenizer, _messages(query, system, answer), add_generation_prompt=False)
+        full = chat_ids(tokenizer, _messages(query, system, answer), add_generation_prompt=False)
         if full[: len(prompt)] != prompt:
             raise ValueError("chat template: the generation prompt is not a prefix of the rendered conversation")
         answer_ids = full[len(prompt) :]
@@ -163,7 +163,7 @@ def _encode_batch(batch: dict, *, tokenizer, chat, max_length, base_template, sy
     if not with_answer:
         out.pop("labels")
         out["answer"] = []
-    meta = [c for c in META_COLUMNS if c in batch]
+    meta = [c for c in (*META_COLUMNS, "index") if c in batch]  # index: the position in the full split
     for c in meta:
         out[_meta_name(c, with_answer)] = []
     n = len(batch["query"])

@@ -123,3 +123,18 @@ def append_jsonl(path: str | os.PathLike, rows: Mapping | Iterable[Mapping], fsy
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
     return write_atomic(path, jsonl_text(rows))
+
+
+def replace_dir_atomic(target: Path, write) -> None:
+    """`write(tmp)` fills a temporary directory that then takes `target`'s place: a crash leaves the
+    previous directory or the new one complete, never a half-written one under the final name."""
+    import shutil
+
+    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

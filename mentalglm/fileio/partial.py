@@ -94,6 +94,11 @@ class PartialPredictions(L.Callback):
             append_jsonl(self.path, rows, fsync=True)
         self.written = len(pl_module.test_predictions)
 
+    def append(self, rows: list[dict]) -> None:
+        """Rows generated outside the test loop (the vLLM backend)."""
+        if rows:
+            append_jsonl(self.path, rows, fsync=True)
+
     def finish(self) -> None:
         """The complete predictions.jsonl is written: the partial file has served its purpose."""
         self.path.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ objects afterwards.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from mentalglm.config import (
 from mentalglm.data.datamodule import InstructionDataModule
 from mentalglm.errors import ConfigError
 from mentalglm.models import packed_attention
+from mentalglm.models.loading import check_adapter_dir
 from mentalglm.models.module import MentalGLMModule
 from mentalglm.runtime.distributed import missing_strategy_package
 from mentalglm.tasks import Task, resolve_tasks
@@ -81,6 +83,22 @@ def test_tasks(cfg: DictConfig, selected: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- data and model
+def resolve_adapter(cfg: DictConfig) -> str | None:
+    """adapter=PATH, or run_dir=PATH (the best adapter of the run's last stage), or None (no adapter)."""
+    if cfg.get("adapter"):
+        return str(check_adapter_dir(cfg.adapter, "adapter"))
+    if cfg.get("run_dir"):
+        run = Path(cfg.run_dir)
+        summary = run / "summary.json"
+        if summary.is_file():
+            return str(check_adapter_dir(json.loads(summary.read_text())["best_adapter"], "run_dir's best adapter"))
+        stages = sorted(run.glob("stage_*/best_adapter"))
+        if not stages:
+            raise ConfigError(f"run_dir={run} holds no stage_*/best_adapter: is it a finished train.py run directory?")
+        return str(stages[-1])
+    return None
+
+
 def build_datamodule(
     cfg: DictConfig,
     tokenizer,

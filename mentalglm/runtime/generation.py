@@ -6,7 +6,8 @@ generation comes from (benchmarks/README.md); `generate` returns results in the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -155,3 +156,106 @@ def generate(
         for i, text in zip(rows, texts):
             results[i] = text
     return results
+
+
+# ----------------------------------------------------------------------------- rows of a serving batch
+@dataclass
+class RowRequest:
+    """One request of a serving batch: its own token cap, stop strings, streamed text and cancellation."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    stop_strings: tuple[str, ...] = ()
+    on_text: Callable[[str], None] | None = None  # each new piece of the answer, as soon as it is final
+    cancelled: Callable[[], bool] = lambda: False  # true: stop generating this row (client gone, timed out)
+
+
+def _held_back(text: str, stop_strings: Sequence[str]) -> int:
+    """How many trailing characters might still change: a partly decoded character, or the start of a stop
+    string (streamed text never shows what the final answer cuts)."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
+    for s in stop_strings:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return hold
+
+
+class RowControl(StoppingCriteria):
+    """Called by `generate` after every token: streams each row's new text, and finishes a row at its own cap,
+    its stop strings, its end token or its cancellation, so requests of different lengths share a batch and
+    each gets the answer it would get alone."""
+
+    def __init__(self, tokenizer, rows: list[RowRequest], prompt_width: int):
+        self.tokenizer, self.rows, self.prompt_width = tokenizer, rows, prompt_width
+        self.stop_ids = set(stop_token_ids(tokenizer))
+        self.sent = [""] * len(rows)
+        self.finished = [False] * len(rows)
+
+    def final_text(self, ids: list[int], row: RowRequest) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return cut_at_stop_strings(text, row.stop_strings).strip()
+
+    def _emit(self, i: int, text: str) -> None:
+        delta = text[len(self.sent[i]) :] if text.startswith(self.sent[i]) else ""
+        if delta and self.rows[i].on_text is not None:
+            self.rows[i].on_text(delta)
+        self.sent[i] += delta
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = []
+        for i, row in enumerate(self.rows):
+            if self.finished[i]:
+                done.append(True)
+                continue
+            ids = input_ids[i, self.prompt_width :].tolist()
+            end = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
+            ids = ids if end is None else ids[:end]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            stopped = cut_at_stop_strings(text, row.stop_strings) != text
+            if stopped or end is not None or len(ids) >= row.max_new_tokens or row.cancelled():
+                self.finish(i, ids)
+            else:
+                keep = text.lstrip()
+                keep = keep[: len(keep) - _held_back(keep, row.stop_strings)].rstrip()
+                self._emit(i, keep)
+            done.append(self.finished[i])
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def finish(self, i: int, ids: list[int]) -> str:
+        self.finished[i] = True
+        text = self.final_text(ids, self.rows[i])
+        self._emit(i, text)
+        return text
+
+
+@torch.inference_mode()
+def generate_rows(model, tokenizer, rows: list[RowRequest]) -> list[str]:
+    """Greedy answers of one serving batch (each row capped, stopped and streamed on its own), in row order;
+    each equals what `generate_batch` gives that row alone."""
+    if not rows:
+        return []
+    config = generation_config(tokenizer, max(r.max_new_tokens for r in rows))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        input_ids, attention_mask = _left_pad([r.prompt for r in rows], config.pad_token_id, device)
+        control = RowControl(tokenizer, rows, input_ids.shape[1])
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            stopping_criteria=StoppingCriteriaList([control]),
+            synced_gpus=False,
+        )
+    finally:
+        model.train(was_training)
+    texts = []
+    for i, row in enumerate(rows):
+        ids = out[i, input_ids.shape[1] :].tolist()
+        end = next((k for k, t in enumerate(ids) if t in control.stop_ids), None)
+        ids = (ids if end is None else ids[:end])[: row.max_new_tokens]
+        texts.append(control.finish(i, ids) if not control.finished[i] else control.final_text(ids, row))
+    return texts

@@ -146,6 +146,20 @@ def answer_part(task: Task, text: str) -> str:
     return _normalized_answer(task, _vocab(task), text or "")
 
 
+def explanation_part(task: Task, text: str) -> str:
+    """The explanation: the text after the first explanation marker, as written ("" when there is none)."""
+    vocab = _vocab(task)
+    if vocab.raw_marker is None or not text:
+        return ""
+    word = len(task.explanation_marker.strip().rstrip(":：").strip())
+    for m in vocab.raw_marker.finditer(text):
+        before = normalize(task, text[: m.start() + word])
+        if any(before.endswith(t) for t in vocab.marker_tails):
+            continue  # "情绪化推理：" is a label followed by a colon, not the marker
+        return text[m.end() :].strip()
+    return ""
+
+
 def _normalized_answer(task: Task, vocab: _Vocab, text: str) -> str:
     # NFKC over a long explanation costs far more than the parse: normalise only up to the first
     # plain-looking marker when there is one. Whole-text normalisation remains the fallback, so a

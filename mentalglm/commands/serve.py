@@ -1,0 +1,103 @@
+"""What serve.py runs: the model (+ adapter) behind the OpenAI-compatible app, on the hf or the vLLM backend."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from mentalglm.config import DataConfig, GenerationConfig, ModelConfig, ServeSettings, as_config
+from mentalglm.errors import ConfigError
+from mentalglm.runtime.builders import build_tasks, resolve_adapter, selected_tasks
+
+log = logging.getLogger(__name__)
+BACKENDS = ("hf", "vllm")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except (OSError, ValueError):
+            return False
+
+
+def api_key(settings: ServeSettings) -> str | None:
+    """The key clients must send; required (from the environment) whenever the server listens beyond loopback."""
+    key = os.environ.get(settings.api_key_env) or None
+    if key is None and not is_loopback(settings.host):
+        raise ConfigError(
+            f"serve.host={settings.host} is reachable beyond this machine: set an API key in the "
+            f"environment ({settings.api_key_env}=...); clients send it as Authorization: Bearer <key>"
+        )
+    return key
+
+
+def serve(cfg: DictConfig) -> None:
+    import uvicorn
+
+    from mentalglm.serving.app import HFBackend, VLLMBackend, create_app
+    from mentalglm.serving.predictor import NOTICE, Predictor
+
+    settings = as_config(ServeSettings, OmegaConf.to_container(cfg.serve, resolve=True))
+    if settings.backend not in BACKENDS:
+        raise ConfigError(f"serve.backend={settings.backend} is not one of {', '.join(BACKENDS)}")
+    key = api_key(settings)
+    tasks = build_tasks(cfg)
+    tasks = {n: tasks[n] for n in selected_tasks(cfg, tasks)}
+    adapter = resolve_adapter(cfg)
+    model_cfg = as_config(ModelConfig, OmegaConf.to_container(cfg.model, resolve=True))
+    data = as_config(DataConfig, OmegaConf.to_container(cfg.data, resolve=True))
+    generation = as_config(GenerationConfig, OmegaConf.to_container(cfg.generation, resolve=True))
+    predictor = Predictor(
+        model_cfg,
+        tasks,
+        adapter,
+        cache_dir=cfg.paths.cache_dir,
+        data=data,
+        generation=generation,
+        load=settings.backend == "hf",
+    )
+    log.info("%s", NOTICE)
+
+    def run(app) -> None:
+        # Our middleware logs each request (never its body); uvicorn's access log would repeat it.
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=int(settings.timeout_s),
+        )
+
+    if settings.backend == "hf":
+        run(create_app(HFBackend(predictor, settings), settings, api_key=key))
+        return
+    from mentalglm.models.loading import resolve_pretrained
+    from mentalglm.serving.vllm import BASE_NAME, VLLMClient, VLLMServer
+
+    vllm = generation.vllm
+    with VLLMServer(
+        vllm,
+        resolve_pretrained(model_cfg, cfg.paths.cache_dir),
+        adapter,
+        settings.model_name,
+        max_model_len=vllm.max_model_len or data.max_length + settings.max_tokens,
+        log_file=Path(cfg.output_dir) / "vllm.log",
+    ) as server:
+        client = VLLMClient(
+            server.base_url,
+            settings.model_name if adapter else BASE_NAME,
+            predictor.tokenizer,
+            timeout_s=settings.timeout_s,
+        )
+        run(create_app(VLLMBackend(predictor, client, settings), settings, api_key=key))

@@ -1,0 +1,125 @@
+"""Helpers of the serving tests: a LoRA adapter on the tiny GLM and serve.py started as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from conftest import ROOT, cli_env
+
+MODEL = ["model=tiny_glm", "data=fixtures"]
+
+
+def make_adapter(cache: Path, out: Path, seed: int = 0) -> Path:
+    """A LoRA adapter with random (non-zero) weights on the tiny GLM of conf/model/tiny_glm.yaml."""
+    import torch
+    from omegaconf import OmegaConf
+    from peft import LoraConfig, get_peft_model
+
+    from mentalglm.models.loading import load_base_model
+
+    if (out / "adapter_model.safetensors").is_file():
+        return out
+    base = load_base_model(OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/tiny_glm.yaml")), cache)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+    model.save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """serve.py in a subprocess; `url` once /ready answers. Output (stdout + stderr) goes to `log`."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        cache: Path,
+        adapter: Path | None,
+        *overrides: str,
+        env: dict | None = None,
+        timeout: float = 600,
+    ):
+        self.port = free_port()
+        self.log = tmp / f"serve-{self.port}.log"
+        self.outputs = tmp / f"outputs-{self.port}"
+        cmd = [
+            sys.executable,
+            str(ROOT / "serve.py"),
+            f"paths.cache_dir={cache}",
+            *MODEL,
+            f"serve.port={self.port}",
+            *([f"adapter={adapter}"] if adapter else []),
+            *overrides,
+        ]
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env={**cli_env(self.outputs), **(env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve.py exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"serve.py did not become ready:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 120) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def train_adapter(tmp: Path, cache: Path, *overrides: str) -> Path:
+    """A briefly trained adapter of the demo (stage two on the fixtures): confident answers, so greedy decoding
+    does not hang on near-ties between the logits of different engines."""
+    from conftest import FAST_DEMO
+
+    out = tmp / "outputs"
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        f"paths.cache_dir={cache}",
+        *FAST_DEMO,
+        "variant=s2",
+        "test=false",
+        "stages.two.max_epochs=3",
+        *overrides,
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(out), capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train.py failed:\n{proc.stderr[-3000:]}")
+    (run,) = sorted((out / "train").glob("*/runs/*"))
+    import json
+
+    return Path(json.loads((run / "summary.json").read_text())["best_adapter"])
