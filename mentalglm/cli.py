@@ -7,10 +7,11 @@ only. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from mentalglm.errors import UserError
@@ -104,11 +105,28 @@ def group_override_error(argv: Iterable[str], conf_dir: Path = CONF_DIR) -> str 
     return None
 
 
-def run_command(command: Callable, cfg) -> object:
-    """Inside a Hydra job: Lightning's console lines once, and a user error's traceback into the run's log."""
+@contextlib.contextmanager
+def job(cfg) -> Iterator[None]:
+    """What every entry point's Hydra job runs inside: Lightning's console lines once, the secrets masked in the
+    files Hydra saved (and the command line W&B records), the run directory held against a second process, and
+    a user error's traceback into the run's log file."""
+    from mentalglm.runtime.resume import claim_run_dir
+    from mentalglm.tracking import config_secrets, mask_run_files
+
     single_console_logging()
+    from hydra.core.hydra_config import HydraConfig
+
+    output_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
     try:
-        return command(cfg)
+        if output_dir:
+            mask_run_files(output_dir, config_secrets(cfg))
+        with claim_run_dir(output_dir) if output_dir else contextlib.nullcontext():
+            yield
     except UserError as e:
         log_user_error(e)
         raise
+
+
+def run_command(command: Callable, cfg) -> object:
+    with job(cfg):
+        return command(cfg)

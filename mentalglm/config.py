@@ -153,6 +153,9 @@ class RunConfig:
     experiment_name: str = "default"  # W&B group and output sub-folder
     seed: int = 42
     log_text: bool = False  # W&B tables of sample model outputs (never the posts)
+    # Keys (beside credential-like ones: *api_key*, *token*, *secret*, *password*) whose values no file a run
+    # writes may hold; pass credentials through the environment instead.
+    secret_keys: list[str] = field(default_factory=list)
     paths: Any = MISSING
     model: ModelConfig = MISSING
     lora: LoraConfig | None = None
@@ -184,6 +187,7 @@ class EvaluateConfig(RunConfig):
     adapter: str | None = None  # a LoRA adapter directory
     run_dir: str | None = None  # a train.py run directory: its last stage's best adapter
     predictions: str | None = None  # score this JSONL file of outputs, no model
+    on_duplicate: str = "error"  # a predictions file repeating an item: error | keep_first
     report: str | None = None  # ablation: rebuild a sweep's table (sweep_dir=)
     sweep_dir: str | None = None
     split: str = "test"  # test | val

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 # Config keys whose values are credentials (matched as parts of the key, case-insensitively).
-SECRET_KEY_PARTS = ("api_key", "apikey", "token", "secret", "password")
+# A key names a credential when its last word does (hf_token, openai_api_key, client_secret): max_new_tokens and
+# pad_token are settings, not credentials.
+SECRET_KEY_WORDS = ("token", "apikey", "secret", "password", "passwd", "credentials")
+SECRET_KEY_PAIRS = ("api_key", "access_key", "private_key", "secret_key", "auth_key")
+NOT_SECRET_KEYS = ("pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token")
 MASK = "***"
 
 
@@ -62,7 +67,12 @@ def environment_secrets() -> frozenset[str]:
 
 def is_secret_key(key: Any, extra: frozenset[str] = frozenset()) -> bool:
     name = str(key).lower()
-    return name in extra or any(p in name for p in SECRET_KEY_PARTS)
+    if name in extra:
+        return True
+    words = re.split(r"[^a-z0-9]+", name)
+    if "_".join(words[-2:]) in SECRET_KEY_PAIRS:
+        return True
+    return words[-1] in SECRET_KEY_WORDS and name not in NOT_SECRET_KEYS
 
 
 def redact_secrets(obj, secrets: frozenset[str] | None = None, extra_keys: frozenset[str] = frozenset()):
@@ -116,3 +126,60 @@ def log_ablation(config, summary: dict, sweep_dir: Path, default_project: str = 
         run.finish()
     except Exception as e:
         log.warning("could not log the ablation table to W&B: %s", e)
+
+
+def config_secrets(cfg) -> frozenset[str]:
+    """Values of the config's credential-like keys (and of the keys named in `secret_keys`), plus the
+    environment's secrets: what no file a run writes may hold."""
+    from omegaconf import OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=False) if not isinstance(cfg, dict) else cfg
+    extra = frozenset(str(k).lower() for k in (data.get("secret_keys") or []))
+    found: set[str] = set(environment_secrets())
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if is_secret_key(k, extra) and isinstance(v, (str, int, float)) and str(v) not in ("", "None"):
+                    found.add(str(v))
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(data)
+    return frozenset(s for s in found if len(s) >= 4)
+
+
+def loggable_config(cfg) -> dict:
+    """The resolved config as a tracker may store it: credential-like keys, the keys named in `secret_keys`
+    and any value holding a known secret masked."""
+    from omegaconf import OmegaConf
+
+    extra = frozenset(str(k).lower() for k in (cfg.get("secret_keys") or []))
+    return redact_secrets(OmegaConf.to_container(cfg, resolve=True), config_secrets(cfg), extra)
+
+
+def mask_text(text: str, secrets: frozenset[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
+
+
+def mask_run_files(output_dir: str | Path, secrets: frozenset[str]) -> None:
+    """Hydra saves the config, the overrides and its own config (with the command line) before the job runs:
+    mask the secrets in them, and in this process's command line, which W&B records."""
+    import sys
+
+    from mentalglm.fileio.atomic import write_atomic
+
+    if not secrets:
+        return
+    for folder in Path(output_dir).glob(".*hydra*"):
+        for path in folder.glob("*.yaml"):
+            text = path.read_text(encoding="utf-8")
+            masked = mask_text(text, secrets)
+            if masked != text:
+                write_atomic(path, masked)
+    sys.argv[:] = [mask_text(a, secrets) for a in sys.argv]

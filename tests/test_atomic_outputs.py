@@ -92,8 +92,12 @@ def test_adapter_directory_is_replaced_whole(tmp_path):
 def test_outputs_are_written_only_through_the_atomic_helpers():
     """Run outputs (metrics, predictions, reports, plots, split, registry, sweep summary) never use a plain write."""
     # vllm.py opens the vLLM server's log for its output (a log, appended as the process writes it).
-    allowed = {"mentalglm/fileio/atomic.py", "mentalglm/fixtures/make_fixtures.py", "mentalglm/models/tiny.py",
-               "mentalglm/serving/vllm.py"}
+    allowed = {
+        "mentalglm/fileio/atomic.py",
+        "mentalglm/fixtures/make_fixtures.py",
+        "mentalglm/models/tiny.py",
+        "mentalglm/serving/vllm.py",
+    }
     plain = re.compile(r"\.write_text\(|\.write_bytes\(|open\([^)]*['\"][wa]b?['\"]|\.savefig\([^b]|json\.dump\(")
     for path in sorted((ROOT / "mentalglm").rglob("*.py")):
         rel = str(path.relative_to(ROOT))

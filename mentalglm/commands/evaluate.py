@@ -32,15 +32,9 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict:
-    from mentalglm.cli import log_user_error, single_console_logging
-    from mentalglm.errors import UserError
+    from mentalglm.cli import run_command
 
-    single_console_logging()
-    try:
-        return evaluate(cfg)
-    except UserError as e:
-        log_user_error(e)  # the traceback into evaluate.log; the console gets one `error:` line
-        raise
+    return run_command(evaluate, cfg)
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -60,6 +54,7 @@ def evaluate(cfg: DictConfig) -> dict:
             out_dir,
             scoring_tasks(tasks),
             templates=OmegaConf.to_container(cfg.data.templates, resolve=True),
+            on_duplicate=cfg.on_duplicate,
         )
     return evaluate_model(cfg, out_dir, tasks)
 

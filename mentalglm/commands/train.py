@@ -39,7 +39,7 @@ from mentalglm.runtime.distributed import (
 from mentalglm.runtime.resume import mark_stage_done, stage_done, wants_resume
 from mentalglm.scoring.metrics import mean_f1
 from mentalglm.tasks import Task
-from mentalglm.tracking import finish_loggers, redact_secrets
+from mentalglm.tracking import finish_loggers, loggable_config
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def run_stage(
     test_metrics = None
     try:
         for lg in loggers:
-            lg.log_hyperparams(redact_secrets(OmegaConf.to_container(cfg, resolve=True)))
+            lg.log_hyperparams(loggable_config(cfg))
         # weights_only: a checkpoint is data (tensors, numbers, strings); it never unpickles arbitrary objects.
         ckpt_path = resume_checkpoint(cfg, stage_dir)
         if problem := resume_strategy_problem(OmegaConf.to_container(cfg.trainer), ckpt_path):
@@ -358,20 +358,17 @@ def run(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from mentalglm.cli import log_user_error, single_console_logging
+    from mentalglm.cli import job
     from mentalglm.commands.sweep import record_failure
-    from mentalglm.errors import UserError
 
-    single_console_logging()
     hc = HydraConfig.get()
     summary = None
     try:
-        summary = train(cfg)
+        with job(cfg):
+            summary = train(cfg)
     except Exception as e:
         if hc.mode != RunMode.MULTIRUN:
-            if isinstance(e, UserError):
-                log_user_error(e)  # the traceback into train.log; the console gets one `error:` line
-            raise
+            raise  # a user error: one `error:` line on the console, its traceback in train.log
         # One failing job must not end the sweep: record why, let the others run; the sweep exits non-zero.
         log.exception("job %s failed", hc.job.num)
         record_failure(hc.runtime.output_dir, e)

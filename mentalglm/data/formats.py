@@ -32,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mentalglm.data.io import DataError
+from mentalglm.data.io import DataError, column_name, shown
 from mentalglm.errors import ConfigError
 from mentalglm.tasks import Task
 
@@ -143,7 +143,7 @@ def visible(text: str) -> bool:
 def bit(ctx: Ctx, line: int, value: str, name: str) -> int:
     value = value.strip()
     if value not in ("0", "1"):
-        raise ctx.error("label value is not 0/1", line, name, f"got {value!r}")
+        raise ctx.error("label value is not 0/1", line, name, f"got {shown(value)}")
     return int(value)
 
 
@@ -151,7 +151,7 @@ def map_header(ctx: Ctx, header: list[str], line: int, required) -> None:
     names = [h.strip().lstrip("\ufeff") for h in header]
     for name in required:
         if name not in names:
-            raise ctx.error("missing column", line, name, f"header has {names}")
+            raise ctx.error("missing column", line, name, f"header has {[column_name(n) for n in names]}")
     ctx.cols = {name: i for i, name in enumerate(names)}
     ctx.ncols = len(names)
 
@@ -293,7 +293,10 @@ class TableFormat(Format):
             for name in names:
                 if name not in known and name not in ctx.task.labels:
                     raise ctx.error(
-                        "label outside the label set", line, name, f"{ctx.task.name} labels: {ctx.task.labels}"
+                        "label outside the label set",
+                        line,
+                        column_name(name),
+                        f"{ctx.task.name} labels: {ctx.task.labels}",
                     )
         map_header(ctx, names, line, self._required(ctx.task))
 
@@ -337,7 +340,9 @@ class TableFormat(Format):
             label = spec.values.get(raw) if spec.values else raw
             if label is None or label not in task.label_order:
                 expected = " or ".join(spec.values) if spec.values else ", ".join(task.labels)
-                raise ctx.error("label outside the label set", line, spec.column, f"got {raw!r}, expected {expected}")
+                raise ctx.error(
+                    "label outside the label set", line, spec.column, f"got {shown(raw)}, expected {expected}"
+                )
             labels.append(label)
         return labels
 
@@ -357,15 +362,13 @@ def parse_hierarchical(ctx: Ctx, line: int, value: str, column: str) -> list[str
             continue
         parent, sep, child = (s.strip() for s in tok.partition(CP_SEP))
         if parent not in task.parents:
-            raise ctx.error("label outside the label set", line, column, f"unknown parent {parent!r} in {tok!r}")
+            raise ctx.error("label outside the label set", line, column, f"unknown parent {shown(parent)}")
         if not sep:
             parents.append(parent)
         elif child in task.parents[parent]:
             leaves.append(task.leaf(parent, child))
         else:
-            raise ctx.error(
-                "label outside the label set", line, column, f"unknown child {child!r} of {parent!r} in {tok!r}"
-            )
+            raise ctx.error("label outside the label set", line, column, f"unknown child {shown(child)} of {parent!r}")
     with_child = {task.parent_of(leaf.split(task.child_sep, 1)[1]) for leaf in leaves}
     return leaves + [p for p in parents if p not in with_child]
 
@@ -430,7 +433,7 @@ def _gold(ctx: Ctx, line: int, name: str, answer: str, task: Task) -> list[str]:
     head = answer.split(marker, 1)[0] if marker else answer
     result = parse_labels(task, head)
     if not result.parsed:
-        raise ctx.error("answer has no readable label", line, name, f"starts {answer[:60]!r}")
+        raise ctx.error("answer has no readable label", line, name, f"the answer: {shown(answer)}")
     return task.order_labels(result.labels)
 
 
@@ -478,7 +481,7 @@ def query_aspect(ctx: Ctx, line: int, name: str, query: str, task: Task) -> str:
         return ""
     (_, end), found = template_span(task, query)
     if found and found not in task.aspects:
-        raise ctx.error("unknown aspect", line, name, f"{found!r}; expected one of {task.aspects}")
+        raise ctx.error("unknown aspect", line, name, f"{shown(found)}; expected one of {task.aspects}")
     found = found or _find_aspect(task, query[end:] if end >= 0 else query)
     if not found:
         raise ctx.error("cannot find the aspect", line, name, f"expected one of {task.aspects}")
@@ -584,7 +587,7 @@ def _row_task(ctx: Ctx, line: int, obj: dict) -> Task:
     if ctx.task is not None and name == ctx.task.name:
         return ctx.task
     if name not in ctx.tasks:
-        raise ctx.error("unknown task", line, "task", f"{name!r}; known: {', '.join(ctx.tasks)}")
+        raise ctx.error("unknown task", line, "task", f"{shown(name)}; known: {', '.join(ctx.tasks)}")
     return get_task(name, ctx.templates.get(name), ctx.tasks)
 
 
@@ -595,7 +598,7 @@ def _row_id(obj: dict, line: int) -> str:
 def _row_aspect(ctx: Ctx, line: int, obj: dict, task: Task, found: str, query_field: str, query: str) -> str:
     given = _json_str(ctx, line, obj, "aspect")
     if given and given not in task.aspects:
-        raise ctx.error("unknown aspect", line, "aspect", f"{given!r}; expected one of {task.aspects}")
+        raise ctx.error("unknown aspect", line, "aspect", f"{shown(given)}; expected one of {task.aspects}")
     return given or found or query_aspect(ctx, line, query_field, query, task)
 
 

@@ -19,6 +19,26 @@ ON_ERROR = ("raise", "skip")
 _CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff]")
 
 
+_LABEL_LIKE = re.compile(r"[\w/#&+.-]{1,10}")
+
+
+def shown(value) -> str:
+    """A value of a data file as an error message may show it: a short label-like value as it is, anything that
+    could be a post (a shifted column puts one where a label belongs) as its length and a hash."""
+    import hashlib
+
+    text = str(value)
+    if _LABEL_LIKE.fullmatch(text.strip() or "-") and len(text) <= 10:
+        return repr(text)
+    digest = hashlib.sha256(text.encode("utf-8", errors="replace")).hexdigest()[:8]
+    return f"<{len(text)} characters, sha256 {digest}>"
+
+
+def column_name(name: str) -> str:
+    """A header cell as an error may name it (a file without its header row has a post there)."""
+    return name if shown(name).startswith("'") else shown(name)
+
+
 class DataError(UserError):
     """Bad input data. `reason` is short and stable (it is the skip-count key); `detail` adds the values."""
 

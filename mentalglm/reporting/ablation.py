@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import re
 import shlex
 import statistics
 from collections import defaultdict
@@ -82,11 +83,24 @@ def sweep_columns(rows: list[dict]) -> list[tuple[str, str]]:
     return list(columns.items())
 
 
+_HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_\-./:~+@%^&*?!|]*")
+
+
+def hydra_override(override: str) -> str:
+    """`key=value` as Hydra's override grammar reads it back: a value with characters the grammar does not take
+    unquoted (non-ASCII, spaces, quotes, commas, brackets) in single quotes."""
+    key, sep, value = override.partition("=")
+    if not sep or _HYDRA_PLAIN.fullmatch(value) or value[:1] in "[{'\"":
+        return override
+    return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def rerun_command(job: Path) -> str:
     """The command that reruns a job into its own directory, after which the table can be rebuilt."""
     overrides_file = job / ".hydra" / "overrides.yaml"
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
-    return shlex.join(["python", "train.py", f"hydra.run.dir={job.resolve()}", *map(str, overrides)])
+    args = [f"hydra.run.dir={job.resolve()}", *map(str, overrides)]
+    return shlex.join(["python", "train.py", *map(hydra_override, args)])
 
 
 def summarise(rows: list[dict], columns: list[tuple[str, str]]) -> list[dict]:

@@ -143,6 +143,7 @@ def score_predictions_file(
     *,
     templates: Mapping | None = None,
     plots: bool = False,
+    on_duplicate: str = "error",
 ) -> dict:
     """Score a predictions JSONL file (rows may name any of `tasks`, default the built-in tasks): metrics.json,
     scored.jsonl (every row with its parse) and results.md, in the order the file names its tasks."""
@@ -154,7 +155,9 @@ def score_predictions_file(
     if not path.is_file():
         raise PredictionsError(f"predictions={path} is not a file")
     registry = TASKS if tasks is None else tasks
-    checked = list(read_predictions(path, registry))
+    checked = list(read_predictions(path, registry, on_duplicate))
+    if not checked:
+        raise PredictionsError(f"{path}: no predictions in the file (nothing to score)")
     used = in_order_of_rows(checked, registry)
     rows, results = score(checked, used)
     return write_evaluation(

@@ -8,11 +8,17 @@ torch/lightning imports so registering it costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from mentalglm.errors import OutputError
 from mentalglm.fileio.atomic import write_json_atomic
 
 # Something a rerun can continue from: a training checkpoint, a finished stage, evaluate.py's partial predictions.
@@ -29,6 +35,14 @@ def wants_resume(resume, ckpt_path=None) -> bool:
 def is_resumable(run_dir: Path) -> bool:
     if any((run_dir / name).is_file() for name in FINISHED):
         return False
+    lock = run_dir / LOCK
+    if lock.is_file():  # another process is running it now
+        try:
+            pid, host = lock.read_text().split()
+            if host == socket.gethostname() and _alive(int(pid)):
+                return True  # picked, so that claiming it says it is in use rather than starting a new run
+        except (OSError, ValueError):
+            pass
     return any(next(run_dir.glob(pattern), None) is not None for pattern in RESUMABLE)
 
 
@@ -37,7 +51,7 @@ def latest_resumable(runs_dir: str | Path) -> Path | None:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return None
-    # Run directories are named by start time (%Y-%m-%d_%H-%M-%S), so name order is age order.
+    # Run directories are named by start time (%Y-%m-%d_%H-%M-%S, then the pid), so name order is age order.
     for run in sorted((p for p in runs_dir.iterdir() if p.is_dir()), reverse=True):
         if is_resumable(run):
             return run
@@ -56,9 +70,77 @@ def run_dir(runs_dir: str, fresh_name: str, resume=False, ckpt_path=None) -> str
     return str(Path(runs_dir) / fresh_name)
 
 
+_STAMP: dict[str, str] = {}
+
+
+def stamp(fmt: str = "%Y-%m-%d_%H-%M-%S") -> str:
+    """The start time of this process, and its pid: two runs started in the same second never share a directory
+    (the time comes first, so name order stays age order). Computed once per process and format."""
+    if fmt not in _STAMP:
+        _STAMP[fmt] = f"{time.strftime(fmt)}_{os.getpid()}"
+    return _STAMP[fmt]
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("mentalglm.run_dir"):
         OmegaConf.register_new_resolver("mentalglm.run_dir", run_dir)
+    if not OmegaConf.has_resolver("mentalglm.stamp"):
+        OmegaConf.register_new_resolver("mentalglm.stamp", stamp)
+
+
+# ----------------------------------------------------------------------------- one process per run directory
+LOCK = ".in_use"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_worker_rank() -> bool:
+    """A data-parallel process other than the first: it shares the first one's run directory, by design."""
+    return any(os.environ.get(k, "0") not in ("", "0") for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+@contextlib.contextmanager
+def claim_run_dir(run: str | Path) -> Iterator[None]:
+    """Hold `run` for this process: another process (a second run started into it, a second resume=true) stops
+    with a clear error instead of writing into the same files. A lock left by a process that died is taken over."""
+    run = Path(run)
+    if is_worker_rank():
+        yield
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    lock = run / LOCK
+    me = f"{os.getpid()} {socket.gethostname()}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid, host = lock.read_text().split()
+            except (OSError, ValueError):
+                lock.unlink(missing_ok=True)
+                continue
+            if host == socket.gethostname() and _alive(int(pid)) and int(pid) != os.getpid():
+                raise OutputError(
+                    f"{run} is in use by process {pid}: wait for it to finish, or give this run "
+                    "another directory (hydra.run.dir=...)"
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a process that is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- finished stages

@@ -113,15 +113,44 @@ def _row_gold(task: Task, row: dict, where: str) -> list[str]:
     return gold.labels
 
 
-def read_predictions(path: str | Path, tasks: Mapping[str, Task]) -> Iterator[dict]:
-    """Rows to score from a predictions JSONL file (blank lines skipped; errors name file:line and field)."""
+def read_predictions(path: str | Path, tasks: Mapping[str, Task], on_duplicate: str = "error") -> Iterator[dict]:
+    """Rows to score from a predictions JSONL file (UTF-8 with or without BOM, GBK or UTF-16; any line ends;
+    blank lines skipped; errors name file:line and field). A repeated (task, id, aspect) is an error, or with
+    `on_duplicate="keep_first"` the later rows are left out and counted in the log."""
+    import logging
+
+    from mentalglm.data.formats import LINE_END
+    from mentalglm.data.io import DataError, read_text
+
+    if on_duplicate not in ("error", "keep_first"):
+        raise PredictionsError(f"on_duplicate must be error or keep_first, got {on_duplicate!r}")
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    try:
+        text = read_text(path, newlines=False)
+    except DataError as e:
+        raise PredictionsError(str(e)) from None
+    seen: dict[tuple, int] = {}
+    dropped = 0
+    for lineno, line in enumerate(LINE_END.split(text), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PredictionsError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+        checked = prediction_row(row, f"{path}:{lineno}", tasks)
+        if checked.get("id") not in (None, ""):
+            key = (checked["task"], str(checked["id"]), checked["aspect"])
+            if key in seen:
+                if on_duplicate == "error":
+                    raise PredictionsError(
+                        f"{path}:{lineno}: field 'id': {key[1]!r} of task {key[0]} repeats line "
+                        f"{seen[key]} (each item is scored once; on_duplicate=keep_first keeps "
+                        "the first)"
+                    )
+                dropped += 1
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PredictionsError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
-            yield prediction_row(row, f"{path}:{lineno}", tasks)
+            seen[key] = lineno
+        yield checked
+    if dropped:
+        logging.getLogger(__name__).warning("%s: %d repeated rows left out (on_duplicate=keep_first)", path, dropped)
