@@ -134,8 +134,10 @@ def claim_run_dir(run: str | Path) -> Iterator[None]:
                 ) from None
             lock.unlink(missing_ok=True)  # left by a process that is gone
             continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
+        try:
+            os.write(fd, me.encode())  # the lock's owner, created exclusively above (not a run output)
+        finally:
+            os.close(fd)
         break
     try:
         yield
