@@ -67,6 +67,7 @@ CHOICES = {
     "model.quantization": (None, "4bit", "8bit"),
     "optimizer.scheduler": ("linear", "cosine", "constant"),
     "generation.backend": ("hf", "vllm"),
+    "scores.calibration": ("temperature", "platt", "none"),
 }
 POSITIVE = (
     "optimizer.lr",
@@ -76,6 +77,7 @@ POSITIVE = (
     "data.bucket_batches",
     "generation.max_new_tokens",
     "generation.val_max_new_tokens",
+    "model.loss_chunk_size",
 )
 
 
@@ -97,6 +99,15 @@ def check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"optimizer.warmup_ratio={warmup} must be in [0, 1)")
     if cfg.data.get("limit_eval") is not None and cfg.data.limit_eval <= 0:
         raise ConfigError(f"data.limit_eval={cfg.data.limit_eval} must be positive (or null)")
+    if OmegaConf.select(cfg, "validation.mode") not in (None, "generate", "likelihood"):
+        raise ConfigError(f"validation.mode={cfg.validation.mode} is not one of generate, likelihood")
+    if not 0 < cfg.scores.sensitivity <= 1:
+        raise ConfigError(f"scores.sensitivity={cfg.scores.sensitivity} must be in (0, 1]")
+    if cfg.scores.enabled and cfg.generation.backend != "hf":
+        raise ConfigError(
+            "scores.enabled=true needs generation.backend=hf: label likelihoods come from the model's own forward "
+            "(the vLLM backend returns generated text only)"
+        )
 
 
 def check_chain_choice() -> None:

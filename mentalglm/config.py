@@ -42,6 +42,8 @@ class ModelConfig:
     attn_implementation: str | None = "sdpa"
     quantization: str | None = None  # 4bit | 8bit (bitsandbytes, QLoRA)
     gradient_checkpointing: bool = False
+    # LM head + cross-entropy this many supervised positions at a time (null = all at once): bounds logits memory.
+    loss_chunk_size: int | None = None
     trust_remote_code: bool = False
     tiny: TinyModelConfig | None = None
 
@@ -115,6 +117,26 @@ class TaskDataConfig:
 
 
 @dataclass
+class ScoresConfig:
+    """Label likelihoods with every prediction, and calibrated risk scores (mentalglm/scoring/calibration.py)."""
+
+    enabled: bool = False  # test, evaluate.py and predict.py score each label sentence beside generating
+    calibration: str = "temperature"  # temperature | platt | none: fitted on the validation split, applied to test
+    sensitivity: float = 0.9  # binary tasks: the triage threshold reaches this sensitivity on validation
+    precision_at_k: list[int] = field(default_factory=lambda: [10, 50, 100])
+    bins: int = 15  # reliability diagram and ECE
+    # predict.py / serve.py: the calibration a test wrote (calibration.json); null = the run directory's, if any.
+    calibration_file: str | None = None
+
+
+@dataclass
+class ValidationConfig:
+    # generate: the label sentence is generated and parsed; likelihood: each label sentence is scored instead
+    # (no generation; val/<task>/auroc is logged beside F1 for checkpoint selection).
+    mode: str = "generate"
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     # The tasks, in report order: name -> a TaskDataConfig mapping (checked by `task_entries`; typed Any so a
@@ -153,7 +175,7 @@ class RunConfig:
     experiment_name: str = "default"  # W&B group and output sub-folder
     seed: int = 42
     log_text: bool = False  # W&B tables of sample model outputs (never the posts)
-    # Keys (beside credential-like ones: *api_key*, *token*, *secret*, *password*) whose values no file a run
+    # Keys (beside credential-like ones: hf_token, *_api_key, *_secret, password, ...) whose values no file a run
     # writes may hold; pass credentials through the environment instead.
     secret_keys: list[str] = field(default_factory=list)
     paths: Any = MISSING
@@ -161,6 +183,7 @@ class RunConfig:
     lora: LoraConfig | None = None
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    scores: ScoresConfig = field(default_factory=ScoresConfig)
     data: DataConfig = MISSING
     trainer: Any = MISSING
     logger: Any = None
@@ -178,6 +201,7 @@ class TrainConfig(RunConfig):
     ckpt_path: str | None = None  # a checkpoint to continue from, or "last" (= resume=true)
     resume: Any = False  # true (the newest unfinished run of this experiment), or a run directory
     max_bad_steps: int = 20  # consecutive non-finite losses (skipped steps) before the run stops
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     callbacks: Any = None
 
 

@@ -312,6 +312,38 @@ def test_data_parallel_evaluate_equals_one_process(ddp_run, cli_cache, tmp_path,
 
 
 @pytest.mark.slow
+def test_data_parallel_risk_scores_equal_one_process(ddp_run, cli_cache, tmp_path):
+    """Label likelihoods and the calibration pass under DDP: gathered, each item once, as one process scores them."""
+    out, run_dir = ddp_run
+    adapter = json.loads((run_dir / "summary.json").read_text())["best_adapter"]
+    runs = {}
+    for name, extra in (("single", []), ("ddp", ["trainer=ddp", *TWO_CPU])):
+        runs[name] = tmp_path / name
+        run(
+            out,
+            cli_cache,
+            "evaluate.py",
+            *EVAL,
+            f"adapter={adapter}",
+            f"output_dir={runs[name]}",
+            "scores.enabled=true",
+            *extra,
+        )
+    rows = read_jsonl(runs["ddp"] / "predictions.jsonl")
+    assert len(rows) == 18 and len({(r["task"], r["id"]) for r in rows}) == 18 and all("scores" in r for r in rows)
+    single = read_jsonl(runs["single"] / "predictions.jsonl")
+    for a, b in zip(rows, single):
+        assert a["likelihood_labels"] == b["likelihood_labels"]
+        assert a["calibrated_scores"] == pytest.approx(b["calibrated_scores"], abs=1e-6)
+    ddp_scores = json.loads((runs["ddp"] / "metrics.json").read_text())["scores"]
+    single_scores = json.loads((runs["single"] / "metrics.json").read_text())["scores"]
+    assert ddp_scores["sos_hl_1k"]["calibration"]["fitted_on"] == 6  # every validation item once
+    assert ddp_scores["sos_hl_1k"]["calibration"]["temperature"] == pytest.approx(
+        single_scores["sos_hl_1k"]["calibration"]["temperature"], rel=1e-5
+    )
+
+
+@pytest.mark.slow
 def test_fsdp_training_keeps_adapter_only_checkpoints_loadable_in_one_process(cli_cache, tmp_path):
     from test_config import compose_train
 

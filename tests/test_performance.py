@@ -168,7 +168,7 @@ def _lora_grads(model):
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("selection", ["mask", "positions"])
+@pytest.mark.parametrize("selection", ["mask", "positions", "chunked"])
 def test_supervised_logits_loss_and_gradients_equal_labels_loss(
     tiny_checkpoint, tiny_hf_tokenizer, features, selection
 ):
@@ -186,7 +186,12 @@ def test_supervised_logits_loss_and_gradients_equal_labels_loss(
             want.backward()
             want_grads = _lora_grads(model)
             model.zero_grad()
-            got = supervised_loss(model, batch, selection)
+            # chunked: 7 supervised positions at a time, so every batch spans several chunks and a partial one
+            got = (
+                supervised_loss(model, batch, "mask", 7)
+                if selection == "chunked"
+                else supervised_loss(model, batch, selection)
+            )
             got.backward()
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
             for k, g in _lora_grads(model).items():
@@ -386,3 +391,27 @@ def test_sdpa_packed_leaves_padded_batches_and_generation_alone(tiny_checkpoint)
     assert torch.equal(a[mask.bool()], b[mask.bool()])
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(sdpa.generate(**kwargs), packed.generate(**kwargs))
+
+
+def test_chunked_loss_with_a_lora_head_equals_labels_loss(tiny_checkpoint, tiny_hf_tokenizer, features):
+    """A head that is not a plain linear layer (LoRA on lm_head) is recomputed per chunk: same loss, same grads."""
+    from mentalglm.models.loading import apply_lora
+
+    torch.manual_seed(0)
+    model = apply_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_checkpoint), {**LORA, "target_modules": ["q_proj", "lm_head"]}
+    )
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = TrainCollator(tiny_hf_tokenizer.pad_token_id)(features[::6])
+    want = model(**batch, use_cache=False).loss
+    want.backward()
+    want_grads = _lora_grads(model)
+    model.zero_grad()
+    got = supervised_loss(model, batch, "mask", 5)
+    got.backward()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert any("lm_head" in k for k in want_grads)
+    for k, g in _lora_grads(model).items():
+        torch.testing.assert_close(g, want_grads[k], atol=1e-6, rtol=1e-4, msg=k)

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mentalglm.checks import check_evaluate_config
+from mentalglm.commands.scores import calibrated, validation_scores
 from mentalglm.data.datamodule import item_key
 from mentalglm.errors import ConfigError
 from mentalglm.fileio.partial import PartialPredictions, fingerprint
@@ -22,6 +23,7 @@ from mentalglm.runtime.builders import (
     build_trainer,
     resolve_adapter,
     selected_tasks,
+    tasks_with_split,
 )
 from mentalglm.runtime.resume import wants_resume
 from mentalglm.scoring.score import score
@@ -64,22 +66,10 @@ def scoring_tasks(tasks: dict[str, Task]) -> dict[str, Task]:
     return {**tasks, **{n: t for n, t in TASKS.items() if n not in tasks}}
 
 
-def eval_task_names(cfg: DictConfig, selected: list[str], split: str) -> list[str]:
-    """The selected tasks that have `split`: a file, or for val a carved or pooled validation split."""
-
-    def has(name: str) -> bool:
-        spec = cfg.data.tasks[name]
-        if split == "val":
-            return bool(spec.get("val") or spec.get("val_size") or spec.get("pool"))
-        return bool(spec.get(split))
-
-    return [t for t in selected if has(t)]
-
-
 def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task]) -> dict:
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split={cfg.split} is not one of test, val")
-    names = eval_task_names(cfg, selected_tasks(cfg, tasks), cfg.split)
+    names = tasks_with_split(cfg, selected_tasks(cfg, tasks), cfg.split)
     check_evaluate_config(cfg, names)
     adapter = resolve_adapter(cfg)
     if adapter is None:
@@ -118,8 +108,17 @@ def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task]) -> di
             new = module.test_predictions
         # Rows written before an interruption and rows of this session, scored together by the one scoring path.
         rows, results = score([{k: r[k] for k in (*ROW_FIELDS, "query") if k in r} for r in done + new], eval_tasks)
+        val_rows: list[dict] = []
+        if cfg.scores.enabled and cfg.split == "test" and (with_val := tasks_with_split(cfg, names, "val")):
+            val_dm = build_datamodule(
+                cfg, tokenizer, tasks, with_val, out_dir, splits=("val",), shots=int(cfg.shots), save_split=False
+            )
+            val_rows = validation_scores(trainer, module, val_dm)
         if not trainer.is_global_zero:
             return results  # every rank holds all rows and metrics; rank 0 alone writes them
+        risk = calibrations = None
+        if cfg.scores.enabled:
+            rows, risk, calibrations = calibrated(cfg, val_rows, rows, eval_tasks)
         title = (
             f"{cfg.model.name} on {cfg.split} ({'adapter ' + Path(adapter).name if adapter else f'{cfg.shots}-shot'})"
         )
@@ -134,6 +133,9 @@ def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task]) -> di
             title=title,
             baseline=dm.majority_baseline(gold),
             templates=OmegaConf.to_container(cfg.data.templates, resolve=True),
+            risk=risk,
+            calibrations=calibrations,
+            bins=int(cfg.scores.bins),
         )
         progress.finish()
         return metrics
@@ -146,6 +148,7 @@ def prediction_settings(cfg: DictConfig, tasks: list[str]) -> dict:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     return {
         **{k: cfg.get(k) for k in ("split", "shots", "save_inputs", "seed")},
+        "scores": bool(cfg.scores.enabled),
         "tasks": tasks,
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),

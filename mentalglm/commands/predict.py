@@ -21,7 +21,7 @@ from mentalglm.data.io import read_text
 from mentalglm.errors import ConfigError, PredictionsError
 from mentalglm.fileio.atomic import write_jsonl_atomic
 from mentalglm.fileio.partial import PartialPredictions, fingerprint
-from mentalglm.runtime.builders import build_tasks, resolve_adapter, selected_tasks
+from mentalglm.runtime.builders import build_tasks, resolve_adapter, resolve_calibration, selected_tasks
 from mentalglm.runtime.resume import wants_resume
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,18 @@ def predict(cfg: DictConfig) -> list[dict]:
     generation = as_config(GenerationConfig, OmegaConf.to_container(cfg.generation, resolve=True))
     data = as_config(DataConfig, OmegaConf.to_container(cfg.data, resolve=True))
     hf = generation.backend == "hf"
+    if cfg.scores.enabled and not hf:
+        raise ConfigError("scores.enabled=true needs generation.backend=hf (label likelihoods come from the model)")
     predictor = Predictor(
-        model_cfg, tasks, adapter, cache_dir=cfg.paths.cache_dir, data=data, generation=generation, load=hf
+        model_cfg,
+        tasks,
+        adapter,
+        cache_dir=cfg.paths.cache_dir,
+        data=data,
+        generation=generation,
+        load=hf,
+        scores=bool(cfg.scores.enabled),
+        calibration_file=resolve_calibration(cfg) if cfg.scores.enabled else None,
     )
     print(f"notice: {NOTICE}")
     prompts, truncated = [], []
@@ -124,6 +134,7 @@ def predict(cfg: DictConfig) -> list[dict]:
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "generation": generation.max_new_tokens,
         "max_length": data.max_length,
+        "scores": bool(cfg.scores.enabled),
         "items": [[i["task"], i["id"], i["aspect"]] for i in items],
     }
     progress = PartialPredictions(out_dir, fingerprint(settings, adapter))
@@ -137,10 +148,13 @@ def predict(cfg: DictConfig) -> list[dict]:
 
     def finished(indices: list[int], texts: list[str]) -> None:
         rows = []
-        for i, text in zip(indices, texts):
+        scores = predictor.label_scores([items[i]["task"] for i in indices], [prompts[i] for i in indices])
+        for i, text, scored in zip(indices, texts, scores):
             item, task = items[i], predictor.tasks[items[i]["task"]]
             result = read(task, text, truncated[i]).as_dict(task)
             rows.append({"index": i, "id": item["id"], "aspect": item["aspect"], **result})
+            if scored is not None:
+                rows[-1]["scores"] = scored
         progress.append(rows)
         done.update({r["index"]: r for r in rows})
         bar.update(len(rows))
@@ -173,7 +187,7 @@ def predict(cfg: DictConfig) -> list[dict]:
                 indices = todo[start : start + 256]
                 finished(indices, generate([prompts[i] for i in indices], max_new))
     bar.close()
-    rows = [{k: done[i][k] for k in OUTPUT_FIELDS} for i in range(len(items))]
+    rows = [{k: done[i][k] for k in (*OUTPUT_FIELDS, "scores") if k in done[i]} for i in range(len(items))]
     write_jsonl_atomic(output, rows)
     progress.finish()
     log.info("wrote %d predictions to %s", len(rows), output)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mentalglm.config import DataConfig, GenerationConfig, ModelConfig, ServeSettings, as_config
 from mentalglm.errors import ConfigError
-from mentalglm.runtime.builders import build_tasks, resolve_adapter, selected_tasks
+from mentalglm.runtime.builders import build_tasks, resolve_adapter, resolve_calibration, selected_tasks
 
 log = logging.getLogger(__name__)
 BACKENDS = ("hf", "vllm")
@@ -65,6 +65,8 @@ def serve(cfg: DictConfig) -> None:
         data=data,
         generation=generation,
         load=settings.backend == "hf",
+        scores=bool(cfg.scores.enabled),
+        calibration_file=resolve_calibration(cfg) if cfg.scores.enabled else None,
     )
     log.info("%s", NOTICE)
 

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mentalglm.checks import check_train_config
+from mentalglm.commands.scores import calibrated, validation_scores
 from mentalglm.errors import CheckpointError, ConfigError
 from mentalglm.fileio.atomic import replace_dir_atomic, write_json_atomic
 from mentalglm.models.loading import check_adapter_dir, load_tokenizer
@@ -28,6 +29,7 @@ from mentalglm.runtime.builders import (
     build_trainer,
     selected_tasks,
     stage_tasks,
+    tasks_with_split,
     test_tasks,
 )
 from mentalglm.runtime.distributed import (
@@ -263,7 +265,8 @@ def export_best(
     if trainer.is_global_zero:
         replace_dir_atomic(adapter_dir, lambda tmp: module.save_adapter(tmp, adapter))
     trainer.strategy.barrier("export_best")  # the next stage reads the adapter on every rank
-    log.info("stage %s: best val/f1_mean %s, adapter -> %s", plan.name, score, adapter_dir)
+    monitor = ckpt_cb.monitor if ckpt_cb is not None else None
+    log.info("stage %s: best %s %s, adapter -> %s", plan.name, monitor, score, adapter_dir)
     return StageResult(plan.name, adapter_dir, score, best or None, identity)
 
 
@@ -280,9 +283,16 @@ def run_test(
     # The module already holds the best adapter weights (export_best), so no checkpoint reload.
     trainer.test(module, datamodule=dm, ckpt_path=None, verbose=False)
     results = module.test_results
+    val_rows: list[dict] = []
+    if cfg.scores.enabled and (with_val := tasks_with_split(cfg, names, "val")):
+        val_dm = build_datamodule(cfg, tokenizer, tasks, with_val, out_dir, splits=("val",), save_split=False)
+        val_rows = validation_scores(trainer, module, val_dm)
     if not trainer.is_global_zero:
         return {**results, "f1_mean": mean_f1(results) if results else None}  # rank 0 writes the merged predictions
     rows = module.test_predictions
+    risk = calibrations = None
+    if cfg.scores.enabled:
+        rows, risk, calibrations = calibrated(cfg, val_rows, rows, {n: tasks[n] for n in names})
     gold = [{"task": r["task"], "labels": r["gold_labels"], "aspect": r.get("aspect") or ""} for r in rows]
     return write_evaluation(
         rows,
@@ -293,6 +303,9 @@ def run_test(
         loggers=trainer.loggers,
         baseline=dm.majority_baseline(gold),
         templates=OmegaConf.to_container(cfg.data.templates, resolve=True),
+        risk=risk,
+        calibrations=calibrations,
+        bins=int(cfg.scores.bins),
     )
 
 
@@ -339,7 +352,9 @@ def train(cfg: DictConfig) -> dict:
         summary_stages[plan.name] = {
             "init_adapter": init,
             "best_adapter": str(last.best_adapter),
-            "best_val_f1_mean": last.best_score,
+            "best_val_f1_mean": last.best_score,  # the best of the monitored metric (val/f1_mean by default)
+            "monitor": OmegaConf.select(cfg, "callbacks.model_checkpoint.monitor", default="val/f1_mean"),
+            "best_score": last.best_score,
             "best_checkpoint": last.best_ckpt,
         }
     summary = {

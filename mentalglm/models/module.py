@@ -18,7 +18,8 @@ from mentalglm.models.loading import apply_lora, count_parameters, load_base_mod
 from mentalglm.models.loss import logits_selection, supervised_loss, supervised_positions
 from mentalglm.runtime.distributed import gather_rows, gathered_for_generation, shard_model
 from mentalglm.runtime.generation import generate_batch
-from mentalglm.runtime.throughput import FlopSpec, batch_samples, sample_lengths
+from mentalglm.runtime.likelihood import LabelScorer, answer_of
+from mentalglm.runtime.throughput import FlopSpec, batch_samples, process_age, sample_lengths
 from mentalglm.scoring.metrics import mean_f1
 from mentalglm.scoring.score import score
 from mentalglm.tasks import TASKS, Task
@@ -26,8 +27,10 @@ from mentalglm.tasks import TASKS, Task
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("linear", "cosine", "constant")
-# Rows of validation and test: what the model answered for each item, before scoring.
-ROW_FIELDS = ("task", "id", "index", "aspect", "output", "gold_labels")
+VALIDATION_MODES = ("generate", "likelihood")
+# Rows of validation and test: what the model answered for each item, before scoring (with label likelihoods:
+# `scores`, label -> probability, and `likelihood_labels`, the labels they predict).
+ROW_FIELDS = ("task", "id", "index", "aspect", "output", "gold_labels", "scores", "likelihood_labels")
 
 # Kept as an alias: the name under which training code and tests have caught divergence.
 NonFiniteLossError = NumericsError
@@ -56,6 +59,8 @@ class MentalGLMModule(L.LightningModule):
         cache_dir: str = ".cache",
         max_bad_steps: int = 20,
         keep_inputs: bool = False,
+        scores: bool = False,
+        validation_mode: str = "generate",
     ):
         super().__init__()
         self.model_cfg = as_config(ModelConfig, model)
@@ -71,7 +76,14 @@ class MentalGLMModule(L.LightningModule):
                 f"optimizer.lr must be > 0 and optimizer.warmup_ratio in [0, 1); got lr="
                 f"{self.optimizer_cfg.lr}, warmup_ratio={self.optimizer_cfg.warmup_ratio}"
             )
+        if validation_mode not in VALIDATION_MODES:
+            raise ConfigError(f"validation.mode must be one of {', '.join(VALIDATION_MODES)}, got {validation_mode!r}")
         self.tasks = dict(tasks) if isinstance(tasks, Mapping) else {n: TASKS[n] for n in tasks}
+        # Label likelihoods: with every test prediction (`scores`), instead of generating in validation
+        # (`validation_mode="likelihood"`), or, for a calibration pass over validation, alone (`collect_scores`).
+        self.score_labels, self.validation_mode, self.collect_scores = scores, validation_mode, False
+        self.val_score_rows: list[dict] = []
+        self._scorer: LabelScorer | None = None
         self.tokenizer = tokenizer
         self.init_adapter, self.merge_init_adapter = init_adapter, merge_init_adapter
         self.cache_dir, self.max_bad_steps, self.keep_inputs = cache_dir, max_bad_steps, keep_inputs
@@ -113,8 +125,13 @@ class MentalGLMModule(L.LightningModule):
         return self._logits_selection
 
     # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        # from_pretrained returns the base in eval mode and Lightning keeps each submodule's mode: without this
+        # the base's dropout would stay off while training (LoRA's own layers are created in train mode).
+        self.model.train()
+
     def training_step(self, batch: dict, batch_idx: int):
-        loss = supervised_loss(self.model, batch, self.logits_selection)
+        loss = supervised_loss(self.model, batch, self.logits_selection, self.model_cfg.loss_chunk_size)
         n = batch_samples(batch)
         if not torch.isfinite(loss):
             return self._skip_non_finite(loss)
@@ -123,6 +140,8 @@ class MentalGLMModule(L.LightningModule):
         return loss
 
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self.global_step == 0 and batch_idx == 0 and (age := process_age()) is not None:
+            log.info("first training step %.1f s after the process started", age)
         # Batches differ in length, so the FLOPs are counted per batch (real tokens only: padding is waste).
         if self._flop_spec is None:
             self._flop_spec = FlopSpec.from_model(self.model)
@@ -241,6 +260,28 @@ class MentalGLMModule(L.LightningModule):
         with gathered_for_generation(self.model, self.trainer.strategy if self._trainer is not None else None):
             return generate_batch(self.model, self.tokenizer, prompts, max_new_tokens=max_new, stop_strings=stop)
 
+    @property
+    def scorer(self) -> LabelScorer:
+        if self._scorer is None:
+            self._scorer = LabelScorer(
+                self.tokenizer, self.tasks, chat=bool(self.model_cfg.chat), system=self.model_cfg.system
+            )
+        return self._scorer
+
+    def label_scores(self, batch: dict) -> list:
+        with gathered_for_generation(self.model, self.trainer.strategy if self._trainer is not None else None):
+            return self.scorer(self.model, batch["prompts"], batch["task"])
+
+    def _likelihood_rows(self, batch: dict) -> list[dict]:
+        """Rows whose answer is the label sentence of the labels the likelihoods predict (scored as any answer)."""
+        scored = self.label_scores(batch)
+        texts = [answer_of(self.tasks[name], s.labels) for name, s in zip(batch["task"], scored)]
+        return [self._with_scores(row, s) for row, s in zip(self._rows(batch, texts), scored)]
+
+    @staticmethod
+    def _with_scores(row: dict, scored) -> dict:
+        return {**row, "scores": scored.probs, "likelihood_labels": scored.labels}
+
     def _rows(self, batch: dict, texts: list[str]) -> list[dict]:
         rows = []
         for i, text in enumerate(texts):
@@ -259,19 +300,40 @@ class MentalGLMModule(L.LightningModule):
         return rows
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._val_rows.extend(self._rows(batch, self.generate_texts(batch["prompts"], full=False)))
+        if self.validation_mode == "likelihood" or self.collect_scores:
+            self._val_rows.extend(self._likelihood_rows(batch))
+        else:
+            self._val_rows.extend(self._rows(batch, self.generate_texts(batch["prompts"], full=False)))
 
     def on_validation_epoch_start(self) -> None:
         self._val_rows = []
 
     def on_validation_epoch_end(self) -> None:
         # Every rank generated its own batches: gather the rows, then every rank scores all of them alike.
-        _, results = score(gather_rows(self._val_rows), self._eval_tasks())
+        rows = gather_rows(self._val_rows)
         self._val_rows = []
+        if self.collect_scores:  # a calibration pass: the rows are its result, nothing is logged
+            self.val_score_rows = rows
+            return
+        _, results = score(rows, self._eval_tasks())
         self._log_results("val", results)
+        if self.validation_mode == "likelihood":
+            self._log_ranking("val", rows)
+
+    def _log_ranking(self, prefix: str, rows: list[dict]) -> None:
+        from mentalglm.scoring.calibration import probability_metrics, task_scores
+
+        for name, task in self._eval_tasks().items():
+            metrics = probability_metrics(task_scores(task, rows))
+            for key in ("auroc", "auprc"):
+                if metrics.get(key) is not None:
+                    self.log(f"{prefix}/{name}/{key}", float(metrics[key]), sync_dist=False)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.test_predictions.extend(self._rows(batch, self.generate_texts(batch["prompts"], full=True)))
+        rows = self._rows(batch, self.generate_texts(batch["prompts"], full=True))
+        if self.score_labels:
+            rows = [self._with_scores(row, s) for row, s in zip(rows, self.label_scores(batch))]
+        self.test_predictions.extend(rows)
 
     def on_test_epoch_start(self) -> None:
         self.test_predictions = []

@@ -8,6 +8,8 @@ metrics.json (schema_version 1):
     "majority_baseline": {"<metric key>": F1, "f1_mean": ...}   always answering the most frequent training labels
     "tasks":        {"<task>": {"display_name", "kind", "metric_keys", "metric_display_names"}}
     "templates":    the data.templates overrides in force when the answers were scored ({} when none)
+    "scores":       with scores.enabled: {"<task>": {"calibration", "before", "after", "agreement_with_generation",
+                    "triage" (binary tasks)}} (mentalglm/scoring/calibration.py); absent otherwise
     "schema_version": 1
 """
 
@@ -19,15 +21,27 @@ from pathlib import Path
 
 from mentalglm.fileio.atomic import dumps_json, jsonl_text, write_files_atomic
 from mentalglm.reporting.results import render_plots, results_markdown
+from mentalglm.reporting.risk import risk_markdown, risk_plots
 from mentalglm.scoring.metrics import mean_f1
 from mentalglm.tasks import Task
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-PREDICTION_FIELDS = ("task", "id", "aspect", "output", "gold_labels", "pred_labels", "parsed")
+PREDICTION_FIELDS = (
+    "task",
+    "id",
+    "aspect",
+    "output",
+    "gold_labels",
+    "pred_labels",
+    "parsed",
+    "scores",
+    "likelihood_labels",
+    "calibrated_scores",
+)
 # Keys of metrics.json beside the metric keys (no task may be named so: mentalglm/tasks.py RESERVED_NAMES).
-SUMMARY_KEYS = ("f1_mean", "majority_baseline", "tasks", "templates", "schema_version")
+SUMMARY_KEYS = ("f1_mean", "majority_baseline", "tasks", "templates", "scores", "schema_version")
 # Researchers read the outputs of these models as screening aids; results files say so.
 SCREENING_NOTICE = (
     "Research use: model outputs are screening aids for research, not diagnoses; they do not "
@@ -76,25 +90,39 @@ def write_evaluation(
     plots: bool = True,
     log_text: bool = False,
     loggers=(),
+    risk: Mapping[str, dict] | None = None,
+    calibrations: Mapping | None = None,
+    bins: int = 15,
 ) -> dict:
     """Write the files of one evaluation and return metrics.json's content.
 
-    `rows`: scored rows (`scoring.score`), written to `rows_file` sorted by task and position (`fields`: which
-    fields, None = all; the prompt only when a row carries it, i.e. with save_inputs=true). `baseline`: metric
-    key -> metrics of the majority-class answer (a column in results.md)."""
+        `rows`: scored rows (`scoring.score`), written to `rows_file` sorted by task and position (`fields`: which
+        fields, None = all; the prompt only when a row carries it, i.e. with save_inputs=true). `baseline`: metric
+        key -> metrics of the majority-class answer (a column in results.md). `risk`: the risk-score report per task
+    (`scoring.calibration.calibrate_rows`), with `calibrations` written to calibration.json for predict/serve."""
     out_dir = Path(out_dir)
     order = {name: i for i, name in enumerate(tasks)}
     ordered = sorted(rows, key=lambda r: (order.get(r["task"], len(order)), r.get("index", 0)))
     keep = (lambda r: {k: r[k] for k in fields if k in r} | _inputs(r)) if fields else dict
     doc = metrics_document(results, tasks, baseline, templates)
+    markdown = results_markdown(
+        results, tasks, title=title, notice=SCREENING_NOTICE, baseline=doc.get("majority_baseline")
+    )
+    if risk:
+        doc = {**{k: v for k, v in doc.items() if k != "schema_version"}, "scores": dict(risk), "schema_version": 1}
+        markdown = markdown.rstrip("\n") + "\n\n" + "\n".join(risk_markdown(risk, tasks))
     files: dict[Path, str | bytes] = {
         out_dir / rows_file: jsonl_text(keep(r) for r in ordered),
         out_dir / "metrics.json": dumps_json(doc),
-        out_dir / "results.md": results_markdown(
-            results, tasks, title=title, notice=SCREENING_NOTICE, baseline=doc.get("majority_baseline")
-        ),
+        out_dir / "results.md": markdown,
     }
+    if calibrations:
+        files[out_dir / "calibration.json"] = dumps_json(
+            {"tasks": {name: cal.to_dict() for name, cal in calibrations.items()}}
+        )
     pngs = render_plots(results, out_dir, tasks) if plots else {}
+    if plots and risk:
+        pngs |= risk_plots(ordered, tasks, out_dir, bins)
     write_files_atomic({**files, **pngs})
     _log(doc, list(pngs), ordered, loggers, log_text)
     log.info("wrote %d predictions and metrics to %s (f1_mean %s)", len(ordered), out_dir, doc["f1_mean"])
@@ -123,6 +151,7 @@ def _log(metrics: dict, plots: list[Path], rows: list[dict], loggers, log_text: 
                     if isinstance(v, (int, float))
                 }
             )
+            run.summary.update(_flat("test/scores", metrics.get("scores") or {}))
             run.log({f"test/plots/{p.stem}": wandb.Image(str(p)) for p in plots})
             if log_text:
                 # Model outputs and labels only: the prompt (the post) never goes to W&B.
@@ -134,6 +163,17 @@ def _log(metrics: dict, plots: list[Path], rows: list[dict], loggers, log_text: 
                 run.log({"test/samples": table})
         except Exception as e:  # logging must never lose the evaluation itself
             log.warning("could not log evaluation to W&B: %s", e)
+
+
+def _flat(prefix: str, tree: Mapping) -> dict[str, float]:
+    """Numbers of a nested dict under slash-joined keys (test/scores/sos_hl_1k/after/ece)."""
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out |= _flat(f"{prefix}/{key}", value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}/{key}"] = value
+    return out
 
 
 def score_predictions_file(

@@ -82,6 +82,18 @@ def test_tasks(cfg: DictConfig, selected: list[str]) -> list[str]:
     return [t for t in selected if cfg.data.tasks[t].get("test")]
 
 
+def tasks_with_split(cfg: DictConfig, selected: list[str], split: str) -> list[str]:
+    """The selected tasks that have `split`: a file, or for val a carved or pooled validation split."""
+
+    def has(name: str) -> bool:
+        spec = cfg.data.tasks[name]
+        if split == "val":
+            return bool(spec.get("val") or spec.get("val_size") or spec.get("pool"))
+        return bool(spec.get(split))
+
+    return [t for t in selected if has(t)]
+
+
 # ----------------------------------------------------------------------------- data and model
 def resolve_adapter(cfg: DictConfig) -> str | None:
     """adapter=PATH, or run_dir=PATH (the best adapter of the run's last stage), or None (no adapter)."""
@@ -99,6 +111,15 @@ def resolve_adapter(cfg: DictConfig) -> str | None:
     return None
 
 
+def resolve_calibration(cfg: DictConfig) -> str | None:
+    """The calibration predict/serve apply: scores.calibration_file, else the one a run's test wrote."""
+    if cfg.scores.get("calibration_file"):
+        return str(cfg.scores.calibration_file)
+    if cfg.get("run_dir") and (found := Path(cfg.run_dir) / "test" / "calibration.json").is_file():
+        return str(found)
+    return None
+
+
 def build_datamodule(
     cfg: DictConfig,
     tokenizer,
@@ -110,6 +131,7 @@ def build_datamodule(
     test_split: str = "test",
     shots: int = 0,
     skip: Collection[tuple[str, str, str]] = (),
+    save_split: bool = True,
 ) -> InstructionDataModule:
     model = cfg.model
     return InstructionDataModule(
@@ -121,7 +143,7 @@ def build_datamodule(
         base_template=model.base_template,
         system=model.get("system"),
         cache_dir=Path(cfg.paths.cache_dir) / "datasets",
-        split_file=out_dir / "split.json",
+        split_file=out_dir / "split.json" if save_split else None,
         splits=tuple(splits),
         test_split=test_split,
         shots=shots,
@@ -157,6 +179,8 @@ def build_module(
         cache_dir=str(cfg.paths.cache_dir),
         max_bad_steps=int(cfg.get("max_bad_steps", 20)),
         keep_inputs=keep_inputs,
+        scores=bool(cfg.scores.enabled),
+        validation_mode=str(OmegaConf.select(cfg, "validation.mode", default="generate")),
     )
 
 

@@ -8,9 +8,22 @@ generation batches carry their unpadded `prompts`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux), e.g. for the time from `python train.py` to the first step."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def sample_lengths(batch: dict) -> list[int]:

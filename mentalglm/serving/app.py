@@ -418,11 +418,13 @@ def create_app(backend, settings: ServeSettings, *, api_key: str | None = None) 
             return _error(499, "the client closed the connection", "cancelled")
         state["served"] += 1
         result: dict[str, Any] = read(task, text).as_dict(task)
+        # Label likelihoods (scores.enabled, hf backend): one forward over the prompt and the label sentences.
+        scores = (await asyncio.to_thread(predictor.label_scores, [task.name], [ids]))[0]
         return {
             **result,
             "aspect": body.aspect or "",
             "task_name": task.display_name,
-            "scores": None,
+            "scores": scores,
             "notice": NOTICE,
             "model": settings.model_name,
         }

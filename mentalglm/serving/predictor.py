@@ -62,6 +62,25 @@ def read(task: Task, output: str, truncated: bool = False) -> Prediction:
     return Prediction(task.name, parsed.labels, parsed.parsed, explanation_part(task, output), output, truncated)
 
 
+def load_calibrations(path: str | Path | None) -> dict:
+    """task -> Calibration from a test's calibration.json ({} without a file)."""
+    import json
+
+    from mentalglm.errors import ConfigError
+    from mentalglm.scoring.calibration import Calibration
+
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return {name: Calibration(**fields) for name, fields in doc["tasks"].items()}
+    except FileNotFoundError:
+        raise ConfigError(f"scores.calibration_file: {path} does not exist") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"scores.calibration_file: {path} is not a calibration.json of a test ({e})") from None
+
+
 def load_model(model_cfg: ModelConfig, adapter: str | None, cache_dir: str | Path):
     """The base model with the adapter, for generation only, on the GPU when there is one."""
     model = load_base_model(model_cfg, cache_dir)
@@ -84,11 +103,47 @@ class Predictor:
         data: DataConfig,
         generation: GenerationConfig,
         load: bool = True,
+        scores: bool = False,
+        calibration_file: str | Path | None = None,
     ):
         self.model_cfg, self.tasks, self.adapter = as_config(ModelConfig, model_cfg), dict(tasks), adapter
         self.data, self.generation = as_config(DataConfig, data), as_config(GenerationConfig, generation)
         self.tokenizer = load_tokenizer(self.model_cfg, cache_dir)
         self.model = load_model(self.model_cfg, adapter, cache_dir) if load else None
+        self.scorer = None
+        self.calibrations = load_calibrations(calibration_file) if scores else {}
+        if scores and self.model is not None:
+            from mentalglm.runtime.likelihood import LabelScorer
+
+            self.scorer = LabelScorer(
+                self.tokenizer, self.tasks, chat=self.model_cfg.chat, system=self.model_cfg.system
+            )
+
+    # ------------------------------------------------------------------ label likelihoods
+    def label_scores(self, task_names: list[str], prompts: list[list[int]]) -> list[dict | None]:
+        """The `scores` block of each prompt: label probabilities from the label sentences' likelihoods, calibrated
+        where a test fitted a calibration for the task; None when scores are off."""
+        if self.scorer is None:
+            return [None] * len(prompts)
+        from mentalglm.scoring.calibration import TaskScores
+
+        out = []
+        for name, scored in zip(task_names, self.scorer(self.model, prompts, task_names)):
+            task, cal = self.tasks[name], self.calibrations.get(name)
+            calibrated = None
+            if cal is not None:
+                probs = torch.tensor([[scored.probs[lab] for lab in task.labels]], dtype=torch.float64)
+                after = cal.apply(TaskScores(task, probs, torch.zeros(1, dtype=torch.long)))
+                calibrated = dict(zip(task.labels, after.probs[0].tolist()))
+            out.append(
+                {
+                    "probabilities": scored.probs,
+                    "calibrated": calibrated,
+                    "calibration": cal.method if cal is not None else None,
+                    "likely_labels": scored.labels,
+                }
+            )
+        return out
 
     # ------------------------------------------------------------------ prompts
     def task(self, name: str | None) -> Task:
