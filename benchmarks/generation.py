@@ -258,8 +258,9 @@ def new_tokens(tokenizer, texts: list[str]) -> float:
     return sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts) / max(1, len(texts))
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def setup(args):
+    """What the validation benchmarks (this one, likelihood_validation.py) start from: the generation config, the
+    eval batch size, the tokenizer, the trained model (and where it came from), the items and their datamodule."""
     warnings.filterwarnings("ignore")
     logging.getLogger("mentalglm").setLevel(logging.WARNING)
     if args.threads:
@@ -269,6 +270,12 @@ def main(argv=None) -> None:
     base, tokenizer = base_and_tokenizer(args)
     model, where = trained_model(args, base, tokenizer)
     records, dm = val_items(args, tokenizer, batch_size)
+    return gen, batch_size, tokenizer, model, where, records, dm
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    gen, batch_size, tokenizer, model, where, records, dm = setup(args)
     ds = dm.datasets["val"]
     prompts = [list(x) for x in ds["input_ids"]]
     module = build_module(model, tokenizer, gen, sorted({r["task"] for r in records}))

@@ -18,15 +18,12 @@ most likely labels equal the labels parsed from the generated label sentence.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import _common as C
 import generation as G
-import torch
 
 from mentalglm.scoring.metrics import mean_f1
 from mentalglm.scoring.score import score
@@ -75,15 +72,7 @@ def prompt_pass_only(module, loader) -> list[dict]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("mentalglm").setLevel(logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    gen = G.generation_cfg()
-    batch_size = int(C.data_default("eval_batch_size"))
-    base, tokenizer = G.base_and_tokenizer(args)
-    model, where = G.trained_model(args, base, tokenizer)
-    records, dm = G.val_items(args, tokenizer, batch_size)
+    gen, batch_size, tokenizer, model, where, records, dm = G.setup(args)
     names = sorted({r["task"] for r in records})
     module = G.build_module(model, tokenizer, gen, names)
     module.model_cfg.chat = True  # the benchmark's prompts and answers go through the chat template

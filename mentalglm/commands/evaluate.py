@@ -108,12 +108,9 @@ def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task]) -> di
             new = module.test_predictions
         # Rows written before an interruption and rows of this session, scored together by the one scoring path.
         rows, results = score([{k: r[k] for k in (*ROW_FIELDS, "query") if k in r} for r in done + new], eval_tasks)
-        val_rows: list[dict] = []
-        if cfg.scores.enabled and cfg.split == "test" and (with_val := tasks_with_split(cfg, names, "val")):
-            val_dm = build_datamodule(
-                cfg, tokenizer, tasks, with_val, out_dir, splits=("val",), shots=int(cfg.shots), save_split=False
-            )
-            val_rows = validation_scores(trainer, module, val_dm)
+        val_rows = []
+        if cfg.scores.enabled and cfg.split == "test":
+            val_rows = validation_scores(cfg, trainer, module, tokenizer, tasks, names, out_dir, shots=int(cfg.shots))
         if not trainer.is_global_zero:
             return results  # every rank holds all rows and metrics; rank 0 alone writes them
         risk = calibrations = None

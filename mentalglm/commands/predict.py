@@ -16,12 +16,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mentalglm.config import DataConfig, GenerationConfig, ModelConfig, as_config
 from mentalglm.data.io import read_text
 from mentalglm.errors import ConfigError, PredictionsError
 from mentalglm.fileio.atomic import write_jsonl_atomic
 from mentalglm.fileio.partial import PartialPredictions, fingerprint
-from mentalglm.runtime.builders import build_tasks, resolve_adapter, resolve_calibration, selected_tasks
+from mentalglm.runtime.builders import build_predictor, build_tasks, resolve_adapter, selected_tasks
 from mentalglm.runtime.resume import wants_resume
 
 log = logging.getLogger(__name__)
@@ -87,7 +86,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     from tqdm import tqdm
 
     from mentalglm.runtime.generation import plan_batches
-    from mentalglm.serving.predictor import NOTICE, InputError, Predictor, read
+    from mentalglm.serving.predictor import NOTICE, InputError, read
 
     tasks = build_tasks(cfg)
     names = selected_tasks(cfg, tasks)
@@ -97,23 +96,9 @@ def predict(cfg: DictConfig) -> list[dict]:
     adapter = resolve_adapter(cfg)
     out_dir = Path(cfg.output_dir)
     output = Path(cfg.output) if cfg.get("output") else out_dir / "predictions.jsonl"
-    model_cfg = as_config(ModelConfig, OmegaConf.to_container(cfg.model, resolve=True))
-    generation = as_config(GenerationConfig, OmegaConf.to_container(cfg.generation, resolve=True))
-    data = as_config(DataConfig, OmegaConf.to_container(cfg.data, resolve=True))
-    hf = generation.backend == "hf"
-    if cfg.scores.enabled and not hf:
-        raise ConfigError("scores.enabled=true needs generation.backend=hf (label likelihoods come from the model)")
-    predictor = Predictor(
-        model_cfg,
-        tasks,
-        adapter,
-        cache_dir=cfg.paths.cache_dir,
-        data=data,
-        generation=generation,
-        load=hf,
-        scores=bool(cfg.scores.enabled),
-        calibration_file=resolve_calibration(cfg) if cfg.scores.enabled else None,
-    )
+    hf = cfg.generation.backend == "hf"
+    predictor = build_predictor(cfg, tasks, adapter, load=hf)
+    model_cfg, generation, data = predictor.model_cfg, predictor.generation, predictor.data
     print(f"notice: {NOTICE}")
     prompts, truncated = [], []
     for item in items:

@@ -4,19 +4,37 @@ calibration (mentalglm/scoring/calibration.py) that the test rows' label likelih
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning as L
 from omegaconf import DictConfig
 
 from mentalglm.models.module import MentalGLMModule
+from mentalglm.runtime.builders import build_datamodule, tasks_with_split
 from mentalglm.scoring.calibration import calibrate_rows
 from mentalglm.tasks import Task
 
 log = logging.getLogger(__name__)
 
 
-def validation_scores(trainer: L.Trainer, module: MentalGLMModule, datamodule) -> list[dict]:
-    """Label likelihoods of every validation item of `datamodule` (no generation, nothing logged)."""
+def validation_scores(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: MentalGLMModule,
+    tokenizer,
+    tasks: dict[str, Task],
+    names: list[str],
+    out_dir: Path,
+    shots: int = 0,
+) -> list[dict]:
+    """Label likelihoods of every validation item of the tasks in `names` that have a validation split (no
+    generation, nothing logged): what the calibration is fitted on."""
+    with_val = tasks_with_split(cfg, names, "val")
+    if not with_val:
+        return []
+    datamodule = build_datamodule(
+        cfg, tokenizer, tasks, with_val, out_dir, splits=("val",), shots=shots, save_split=False
+    )
     module.collect_scores = True
     try:
         trainer.validate(module, datamodule=datamodule, verbose=False)

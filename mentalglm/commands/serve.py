@@ -10,9 +10,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mentalglm.config import DataConfig, GenerationConfig, ModelConfig, ServeSettings, as_config
+from mentalglm.config import ServeSettings, as_config
 from mentalglm.errors import ConfigError
-from mentalglm.runtime.builders import build_tasks, resolve_adapter, resolve_calibration, selected_tasks
+from mentalglm.runtime.builders import build_predictor, build_tasks, resolve_adapter, selected_tasks
 
 log = logging.getLogger(__name__)
 BACKENDS = ("hf", "vllm")
@@ -45,7 +45,7 @@ def serve(cfg: DictConfig) -> None:
     import uvicorn
 
     from mentalglm.serving.app import HFBackend, VLLMBackend, create_app
-    from mentalglm.serving.predictor import NOTICE, Predictor
+    from mentalglm.serving.predictor import NOTICE
 
     settings = as_config(ServeSettings, OmegaConf.to_container(cfg.serve, resolve=True))
     if settings.backend not in BACKENDS:
@@ -54,20 +54,8 @@ def serve(cfg: DictConfig) -> None:
     tasks = build_tasks(cfg)
     tasks = {n: tasks[n] for n in selected_tasks(cfg, tasks)}
     adapter = resolve_adapter(cfg)
-    model_cfg = as_config(ModelConfig, OmegaConf.to_container(cfg.model, resolve=True))
-    data = as_config(DataConfig, OmegaConf.to_container(cfg.data, resolve=True))
-    generation = as_config(GenerationConfig, OmegaConf.to_container(cfg.generation, resolve=True))
-    predictor = Predictor(
-        model_cfg,
-        tasks,
-        adapter,
-        cache_dir=cfg.paths.cache_dir,
-        data=data,
-        generation=generation,
-        load=settings.backend == "hf",
-        scores=bool(cfg.scores.enabled),
-        calibration_file=resolve_calibration(cfg) if cfg.scores.enabled else None,
-    )
+    predictor = build_predictor(cfg, tasks, adapter, load=settings.backend == "hf")
+    model_cfg, data, generation = predictor.model_cfg, predictor.data, predictor.generation
     log.info("%s", NOTICE)
 
     def run(app) -> None:

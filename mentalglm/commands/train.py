@@ -29,7 +29,6 @@ from mentalglm.runtime.builders import (
     build_trainer,
     selected_tasks,
     stage_tasks,
-    tasks_with_split,
     test_tasks,
 )
 from mentalglm.runtime.distributed import (
@@ -283,10 +282,7 @@ def run_test(
     # The module already holds the best adapter weights (export_best), so no checkpoint reload.
     trainer.test(module, datamodule=dm, ckpt_path=None, verbose=False)
     results = module.test_results
-    val_rows: list[dict] = []
-    if cfg.scores.enabled and (with_val := tasks_with_split(cfg, names, "val")):
-        val_dm = build_datamodule(cfg, tokenizer, tasks, with_val, out_dir, splits=("val",), save_split=False)
-        val_rows = validation_scores(trainer, module, val_dm)
+    val_rows = validation_scores(cfg, trainer, module, tokenizer, tasks, names, out_dir) if cfg.scores.enabled else []
     if not trainer.is_global_zero:
         return {**results, "f1_mean": mean_f1(results) if results else None}  # rank 0 writes the merged predictions
     rows = module.test_predictions

@@ -62,7 +62,11 @@ def task_summary(tasks: Mapping[str, Task]) -> dict[str, dict]:
 
 
 def metrics_document(
-    results: dict[str, dict], tasks: Mapping[str, Task], baseline: dict | None = None, templates: Mapping | None = None
+    results: dict[str, dict],
+    tasks: Mapping[str, Task],
+    baseline: dict | None = None,
+    templates: Mapping | None = None,
+    risk: Mapping[str, dict] | None = None,
 ) -> dict:
     """metrics.json's content (see the module docstring)."""
     doc: dict = {**results, "f1_mean": mean_f1(results) if results else None}
@@ -72,6 +76,8 @@ def metrics_document(
     used = {name: t for name, t in tasks.items() if any(k in results for k in t.metric_keys)}
     doc["tasks"] = task_summary(used)
     doc["templates"] = {k: dict(v) for k, v in (templates or {}).items() if k in used}
+    if risk:
+        doc["scores"] = dict(risk)
     doc["schema_version"] = SCHEMA_VERSION
     return doc
 
@@ -104,12 +110,11 @@ def write_evaluation(
     order = {name: i for i, name in enumerate(tasks)}
     ordered = sorted(rows, key=lambda r: (order.get(r["task"], len(order)), r.get("index", 0)))
     keep = (lambda r: {k: r[k] for k in fields if k in r} | _inputs(r)) if fields else dict
-    doc = metrics_document(results, tasks, baseline, templates)
+    doc = metrics_document(results, tasks, baseline, templates, risk)
     markdown = results_markdown(
         results, tasks, title=title, notice=SCREENING_NOTICE, baseline=doc.get("majority_baseline")
     )
     if risk:
-        doc = {**{k: v for k, v in doc.items() if k != "schema_version"}, "scores": dict(risk), "schema_version": 1}
         markdown = markdown.rstrip("\n") + "\n\n" + "\n".join(risk_markdown(risk, tasks))
     files: dict[Path, str | bytes] = {
         out_dir / rows_file: jsonl_text(keep(r) for r in ordered),

@@ -120,6 +120,27 @@ def resolve_calibration(cfg: DictConfig) -> str | None:
     return None
 
 
+def build_predictor(cfg: DictConfig, tasks: dict[str, Task], adapter: str | None, *, load: bool):
+    """The `Predictor` of predict.py and serve.py; `load=False` (a vLLM backend) leaves the model out of this
+    process, which label likelihoods (scores.enabled) need."""
+    from mentalglm.serving.predictor import Predictor
+
+    scores = bool(cfg.scores.enabled)
+    if scores and not load:
+        raise ConfigError("scores.enabled=true needs the hf backend (label likelihoods come from the model's forward)")
+    return Predictor(
+        _typed(ModelConfig, cfg.model),
+        tasks,
+        adapter,
+        cache_dir=cfg.paths.cache_dir,
+        data=_typed(DataConfig, cfg.data),
+        generation=_typed(GenerationConfig, cfg.generation),
+        load=load,
+        scores=scores,
+        calibration_file=resolve_calibration(cfg) if scores else None,
+    )
+
+
 def build_datamodule(
     cfg: DictConfig,
     tokenizer,

@@ -284,8 +284,7 @@ class LabelScorer:
             for i in active:
                 a, w = iter(after[i]), iter(alone[i][:-1] if alone[i] else [])
                 base = alone[i][-1] if alone[i] else 0.0
-                values = [next(a) if s else next(w) - base for s in split[i]]
-                values = iter(values)
+                values = iter([next(a) if s else next(w) - base for s in split[i]])
                 for lab in labels[undecided[i] :]:
                     p = min(1.0, sum(math.exp(next(values)) for _ in self._tails(task, lab)))
                     probs[i][lab] = p
