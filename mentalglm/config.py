@@ -273,12 +273,75 @@ class ExportConfig(RunConfig):
     output_dir: str = MISSING
 
 
+@dataclass
+class TeacherConfig:
+    """An OpenAI-compatible chat API (mentalglm/teacher/client.py): a local vLLM, serve.py, GLM-4-plus, GPT-4, ..."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "mentalglm"
+    # The environment variable holding the API key (null = none); the key itself is never in a config or log.
+    api_key_env: str | None = "MENTALGLM_TEACHER_API_KEY"
+    allow_remote: bool = False  # posts leave this machine only with true (any base_url off loopback)
+    system: str | None = None  # a system message before every prompt
+    # Deterministic by default: greedy, a fixed seed (servers that honour it).
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = 0
+    max_tokens: int = 1024
+    concurrency: int = 8  # requests in flight at once
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    timeout_s: float = 120.0  # per request
+    max_retries: int = 6  # on 429, 5xx, timeouts, dropped connections and malformed or empty answers
+    backoff_s: float = 1.0  # first retry delay; doubles each retry (with jitter) unless Retry-After says
+    max_backoff_s: float = 60.0
+    # Price per million tokens, for the estimated cost in the report.
+    price_per_million_input: float = 0.0
+    price_per_million_output: float = 0.0
+    currency: str = "USD"
+
+
+@dataclass
+class BuildDataConfig:
+    """build_data.py: explanation data from a teacher LLM, its revision, IMHI translation, API-LLM baselines."""
+
+    task_name: str = "build_data"
+    # explain: labelled data -> explanation-bearing instruction JSONL (+ a revision sheet)
+    # merge: a revised sheet back into an explain run's files; translate: IMHI -> Chinese;
+    # baseline: the teacher answers a test split zero/few-shot, scored like any predictions file
+    action: str = "explain"
+    experiment_name: str = "default"
+    seed: int = 42
+    secret_keys: list[str] = field(default_factory=list)
+    paths: Any = MISSING
+    data: DataConfig = MISSING
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])  # explain/translate: these
+    instructions: dict[str, Any] = field(default_factory=dict)  # task -> instruction text file
+    examples: dict[str, Any] = field(default_factory=dict)  # task -> expert-example file (any readable format)
+    examples_per_label: int | None = None  # null = every expert example (the paper); else each label this often
+    on_disagree: str = "revise"  # revise (a sheet for experts) | drop | keep (the teacher's answer as written)
+    # Templates by language (zh/en): explain, example, translate, baseline, shot.
+    prompts: dict[str, Any] = field(default_factory=dict)
+    translate: dict[str, str] = field(default_factory=dict)  # translate: source task -> its Chinese task
+    shots: int = 0  # baseline: k solved training examples in each prompt
+    split: str = "test"  # baseline: the split answered
+    run_dir: str | None = None  # merge: the explain run whose files take the revisions
+    sheet: str | None = None  # merge: the revised sheet (null = revision.csv in run_dir)
+    output: str | None = None  # the folder the data files go to (null = the run directory)
+    cache: str = MISSING  # every teacher answer, appended as it arrives (resume after any interruption)
+    logger: Any = None
+    local: Any = None
+    output_dir: str = MISSING
+
+
 SCHEMAS = {
     "train_schema": TrainConfig,
     "evaluate_schema": EvaluateConfig,
     "predict_schema": PredictConfig,
     "serve_schema": ServeConfig,
     "export_schema": ExportConfig,
+    "build_data_schema": BuildDataConfig,
 }
 
 

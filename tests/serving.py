@@ -123,3 +123,35 @@ def train_adapter(tmp: Path, cache: Path, *overrides: str) -> Path:
     import json
 
     return Path(json.loads((run / "summary.json").read_text())["best_adapter"])
+
+
+class TeacherServer:
+    """tests/teacher_server.py (a scripted OpenAI-compatible teacher) in a subprocess; `requests()` reads what it
+    received: (prompt hash, time) per request."""
+
+    def __init__(self, tmp: Path, faults: str = "", delay_s: float = 0.0):
+        self.port = free_port()
+        self.request_log = tmp / f"teacher-{self.port}.requests"
+        self.request_log.touch()
+        self.log = tmp / f"teacher-{self.port}.log"
+        cmd = [sys.executable, str(ROOT / "tests/teacher_server.py"), str(self.port), str(self.request_log), faults]
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([*cmd, str(delay_s)], stdout=out, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"teacher server did not start:\n{self.log.read_text()[-2000:]}")
+
+    def requests(self) -> list[tuple[str, float]]:
+        lines = self.request_log.read_text().split()
+        return [(lines[i], float(lines[i + 1])) for i in range(0, len(lines), 2)]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)

@@ -8,13 +8,16 @@ group sharing the run directory). A disk that is full or read-only ends in one `
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from mentalglm.errors import OutputError
+from mentalglm.errors import ConfigError, OutputError
+
+log = logging.getLogger(__name__)
 
 
 def _file_mode() -> int:
@@ -138,3 +141,26 @@ def replace_dir_atomic(target: Path, write) -> None:
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_partial(path: Path) -> list[dict]:
+    """The rows written before an interruption. A crash mid-append leaves a last line without its newline:
+    it is dropped and cut off the file, so the next append starts on a clean line."""
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    complete = raw[: raw.rfind(b"\n") + 1]
+    if len(complete) < len(raw):
+        log.warning("%s: dropping a torn last line (%d bytes) left by the interruption", path, len(raw) - len(complete))
+        os.truncate(path, len(complete))
+    rows = []
+    # Split on b"\n" only: str.splitlines() would also split inside outputs holding U+2028, U+0085 or \x1c.
+    for lineno, line in enumerate(complete.decode("utf-8").split("\n"), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ConfigError(
+                    f"{path}:{lineno}: not a JSON line ({e.msg}); delete the file to regenerate every prediction"
+                ) from None
+    return rows

@@ -8,42 +8,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
 from mentalglm.errors import ConfigError
-from mentalglm.fileio.atomic import append_jsonl, write_json_atomic
+from mentalglm.fileio.atomic import append_jsonl, read_partial, write_json_atomic  # noqa: F401 (read_partial: callers import it from here too)
 
 log = logging.getLogger(__name__)
 
 PARTIAL = "predictions.partial.jsonl"
 PARTIAL_META = "predictions.partial.meta.json"
-
-
-def read_partial(path: Path) -> list[dict]:
-    """The rows written before an interruption. A crash mid-append leaves a last line without its newline:
-    it is dropped and cut off the file, so the next append starts on a clean line."""
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    complete = raw[: raw.rfind(b"\n") + 1]
-    if len(complete) < len(raw):
-        log.warning("%s: dropping a torn last line (%d bytes) left by the interruption", path, len(raw) - len(complete))
-        os.truncate(path, len(complete))
-    rows = []
-    # Split on b"\n" only: str.splitlines() would also split inside outputs holding U+2028, U+0085 or \x1c.
-    for lineno, line in enumerate(complete.decode("utf-8").split("\n"), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ConfigError(
-                    f"{path}:{lineno}: not a JSON line ({e.msg}); delete the file to regenerate every prediction"
-                ) from None
-    return rows
 
 
 def fingerprint(settings: dict[str, Any], adapter: str | None) -> dict[str, Any]:

@@ -189,6 +189,7 @@ def score_predictions_file(
     templates: Mapping | None = None,
     plots: bool = False,
     on_duplicate: str = "error",
+    title: str | None = None,
 ) -> dict:
     """Score a predictions JSONL file (rows may name any of `tasks`, default the built-in tasks): metrics.json,
     scored.jsonl (every row with its parse) and results.md, in the order the file names its tasks."""
@@ -210,7 +211,7 @@ def score_predictions_file(
         results,
         Path(out_dir),
         used,
-        title=f"Results: {path.name}",
+        title=title or f"Results: {path.name}",
         fields=None,
         plots=plots,
         rows_file="scored.jsonl",

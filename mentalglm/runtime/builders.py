@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,13 +24,14 @@ from mentalglm.config import (
     task_entries,
     to_dict,
 )
-from mentalglm.data.datamodule import InstructionDataModule
 from mentalglm.errors import ConfigError
-from mentalglm.models import packed_attention
-from mentalglm.models.loading import check_adapter_dir
-from mentalglm.models.module import MentalGLMModule
-from mentalglm.runtime.distributed import missing_strategy_package
 from mentalglm.tasks import Task, resolve_tasks
+
+if TYPE_CHECKING:  # torch and Lightning load only where a model is built: build_data.py needs neither
+    import lightning as L
+
+    from mentalglm.data.datamodule import InstructionDataModule
+    from mentalglm.models.module import MentalGLMModule
 
 
 def _typed(schema, node):
@@ -98,11 +98,15 @@ def tasks_with_split(cfg: DictConfig, selected: list[str], split: str) -> list[s
 def resolve_adapter(cfg: DictConfig) -> str | None:
     """adapter=PATH, or run_dir=PATH (the best adapter of the run's last stage), or None (no adapter)."""
     if cfg.get("adapter"):
+        from mentalglm.models.loading import check_adapter_dir
+
         return str(check_adapter_dir(cfg.adapter, "adapter"))
     if cfg.get("run_dir"):
         run = Path(cfg.run_dir)
         summary = run / "summary.json"
         if summary.is_file():
+            from mentalglm.models.loading import check_adapter_dir
+
             return str(check_adapter_dir(json.loads(summary.read_text())["best_adapter"], "run_dir's best adapter"))
         stages = sorted(run.glob("stage_*/best_adapter"))
         if not stages:
@@ -155,6 +159,8 @@ def build_datamodule(
     save_split: bool = True,
 ) -> InstructionDataModule:
     model = cfg.model
+    from mentalglm.data.datamodule import InstructionDataModule
+
     return InstructionDataModule(
         tokenizer,
         {n: tasks[n] for n in names},
@@ -186,6 +192,9 @@ def build_module(
     """`train=False`: the adapter (if any) is loaded as it was trained, for generation only."""
     model = _typed(ModelConfig, cfg.model)
     # Packed rows: attention per sample, not over the whole row.
+    from mentalglm.models import packed_attention
+    from mentalglm.models.module import MentalGLMModule
+
     model.attn_implementation = packed_attention.attention_for(cfg.data.batching, model.attn_implementation)
     lora = _typed(LoraConfig, cfg.lora) if train and cfg.get("lora") is not None else None
     return MentalGLMModule(
@@ -245,6 +254,8 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path | None, extra: list | None =
 
 
 def build_trainer(cfg: DictConfig, loggers: list, callbacks: list, max_epochs: int = 1) -> L.Trainer:
+    from mentalglm.runtime.distributed import missing_strategy_package
+
     problem = missing_strategy_package(OmegaConf.to_container(cfg.trainer, resolve=False))
     if problem:
         raise ConfigError(problem)
