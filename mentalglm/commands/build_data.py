@@ -42,7 +42,7 @@ from mentalglm.scoring.parsing import explanation_part, parse_labels
 from mentalglm.tasks import TASKS, Task
 from mentalglm.teacher import prompts as P
 from mentalglm.teacher.cache import ResponseCache, cache_key, prompt_hash
-from mentalglm.teacher.client import Reply, TeacherClient
+from mentalglm.teacher.client import Reply, TeacherClient, sampling_settings
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,15 @@ def build_data(cfg: DictConfig) -> dict:
 class Job:
     """One request: the item it belongs to, its messages and its cache key."""
 
-    index: int
     item: str
     messages: list[dict]
     key: str
     prompt_sha: str
-    language: str
+
+
+def make_job(kind: str, item: str, messages: list[dict], model: str, settings: dict) -> Job:
+    sha = prompt_hash(messages)
+    return Job(item, messages, cache_key(kind, item, sha, model, settings), sha)
 
 
 def teacher_config(cfg: DictConfig) -> TeacherConfig:
@@ -193,11 +196,6 @@ def empty_answer(job: Job, reply: Reply) -> str | None:
     return "empty answer" if not reply.content.strip() else None
 
 
-def settings_of(cfg: DictConfig) -> dict:
-    t = teacher_config(cfg)
-    return {"temperature": t.temperature, "top_p": t.top_p, "seed": t.seed, "max_tokens": t.max_tokens}
-
-
 def out_folder(cfg: DictConfig) -> Path:
     return Path(cfg.output) if cfg.get("output") else Path(cfg.output_dir)
 
@@ -254,7 +252,7 @@ def explain(cfg: DictConfig) -> dict:
     names = selected_tasks(cfg, tasks)
     teacher = teacher_config(cfg)
     splits = load_splits(cfg, tasks, names)
-    settings = settings_of(cfg)
+    settings = sampling_settings(teacher)
     per_task = {}
     for name in names:
         task = tasks[name]
@@ -267,6 +265,7 @@ def explain(cfg: DictConfig) -> dict:
         if chosen and short:
             log.warning("task %s: expert examples show %d labels fewer times than asked: %s", name, len(short), short)
         per_task[name] = {"instruction": instruction, "examples": chosen, "coverage": coverage}
+    prompts = {lang: language_prompts(cfg, lang) for lang in {tasks[n].language for n in names}}
     jobs, items = [], []
     for split in cfg.splits:
         for record in splits[split]:
@@ -278,21 +277,11 @@ def explain(cfg: DictConfig) -> dict:
                 record,
                 instruction=spec["instruction"],
                 examples=spec["examples"],
-                prompts=language_prompts(cfg, task.language),
+                prompts=prompts[task.language],
                 system=teacher.system,
             )
-            sha = prompt_hash(messages)
             item = f"{split}/{task.name}/{record['id']}/{record.get('aspect') or ''}"
-            jobs.append(
-                Job(
-                    len(jobs),
-                    item,
-                    messages,
-                    cache_key("explain", item, sha, teacher.model, settings),
-                    sha,
-                    task.language,
-                )
-            )
+            jobs.append(make_job("explain", item, messages, teacher.model, settings))
             items.append((split, record))
     if not jobs:
         raise ConfigError(f"no items to explain in splits {list(cfg.splits)} of tasks {', '.join(names)}")
@@ -361,7 +350,7 @@ def explain(cfg: DictConfig) -> dict:
         )
     report = {
         "action": "explain",
-        "teacher": {"base_url": teacher.base_url, "model": teacher.model, **settings},
+        "teacher": {"base_url": teacher.base_url, "model": teacher.model, **sampling_settings(teacher)},
         "on_disagree": cfg.on_disagree,
         "splits": list(cfg.splits),
         "files": {s: f"{s}.jsonl" for s in cfg.splits},
@@ -544,7 +533,7 @@ def translate(cfg: DictConfig) -> dict:
             raise ConfigError(f"translate.{name}={target.name}: its labels or aspects differ from {name}'s")
         targets[name] = target
     splits = load_splits(cfg, tasks, names)
-    settings = settings_of(cfg)
+    settings = sampling_settings(teacher)
     prompts = language_prompts(cfg, "zh")
     jobs, parts = [], []  # parts: (split, record, field)
     for split in cfg.splits:
@@ -555,13 +544,8 @@ def translate(cfg: DictConfig) -> dict:
                 if not text.strip():
                     continue
                 messages = P.translate_messages(text, prompts, teacher.system)
-                sha = prompt_hash(messages)
                 item = f"{split}/{source.name}/{record['id']}/{record.get('aspect') or ''}/{part}"
-                jobs.append(
-                    Job(
-                        len(jobs), item, messages, cache_key("translate", item, sha, teacher.model, settings), sha, "zh"
-                    )
-                )
+                jobs.append(make_job("translate", item, messages, teacher.model, settings))
                 parts.append((split, record, part))
     if not jobs:
         raise ConfigError(f"nothing to translate in splits {list(cfg.splits)} of tasks {', '.join(names)}")
@@ -611,7 +595,7 @@ def translate(cfg: DictConfig) -> dict:
     out = out_folder(cfg)
     report = {
         "action": "translate",
-        "teacher": {"base_url": teacher.base_url, "model": teacher.model, **settings},
+        "teacher": {"base_url": teacher.base_url, "model": teacher.model, **sampling_settings(teacher)},
         "files": {s: f"{s}.jsonl" for s in cfg.splits},
         "tasks": {k: {**dict(v), "translated_rate": rate(v["translated"], v["items"])} for k, v in counts.items()},
         "requests": {"asked": stats["asked"], "cached": stats["cached"], "failed": dict(stats["failed"])},
@@ -661,7 +645,8 @@ def baseline(cfg: DictConfig) -> dict:
     for r in splits["train"]:
         pool[r["task"]].append(r)
     rng = random.Random(cfg.seed)
-    settings = {**settings_of(cfg), "shots": cfg.shots}
+    prompts = {lang: language_prompts(cfg, lang) for lang in {tasks[n].language for n in names}}
+    settings = {**sampling_settings(teacher), "shots": cfg.shots}
     jobs = []
     for record in records:
         task = tasks[record["task"]]
@@ -669,14 +654,9 @@ def baseline(cfg: DictConfig) -> dict:
         if len(candidates) < cfg.shots:
             raise ConfigError(f"shots={cfg.shots} but task {task.name} has {len(candidates)} training examples")
         shots = rng.sample(candidates, cfg.shots) if cfg.shots else []
-        messages = P.baseline_messages(task, record, shots, language_prompts(cfg, task.language), teacher.system)
-        sha = prompt_hash(messages)
+        messages = P.baseline_messages(task, record, shots, prompts[task.language], teacher.system)
         item = f"{cfg.split}/{task.name}/{record['id']}/{record.get('aspect') or ''}"
-        jobs.append(
-            Job(
-                len(jobs), item, messages, cache_key("baseline", item, sha, teacher.model, settings), sha, task.language
-            )
-        )
+        jobs.append(make_job("baseline", item, messages, teacher.model, settings))
     cache = ResponseCache(cfg.cache)
     stats = ask_all(teacher, cache, jobs, f"baseline {cfg.shots}-shot", lambda job, reply: None)
     rows = []
@@ -705,7 +685,7 @@ def baseline(cfg: DictConfig) -> dict:
     )
     report = {
         "action": "baseline",
-        "teacher": {"base_url": teacher.base_url, "model": teacher.model, **settings},
+        "teacher": {"base_url": teacher.base_url, "model": teacher.model, **sampling_settings(teacher)},
         "split": cfg.split,
         "requests": {"asked": stats["asked"], "cached": stats["cached"]},
         "usage": stats["usage"],

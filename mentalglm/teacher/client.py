@@ -90,6 +90,11 @@ class Usage:
         }
 
 
+def sampling_settings(cfg: TeacherConfig) -> dict:
+    """What decides an answer beside the prompt: part of every cache key."""
+    return {"temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed, "max_tokens": cfg.max_tokens}
+
+
 class RateLimiter:
     """Requests and tokens per minute over a sliding 60-second window. A request reserves its estimated tokens
     (prompt characters / 2 + max_tokens) before it is sent; the reservation is corrected by the reported usage."""
@@ -168,9 +173,7 @@ class TeacherClient:
             raise
 
     def settings(self) -> dict:
-        """What decides an answer beside the prompt: part of every cache key."""
-        c = self.cfg
-        return {"temperature": c.temperature, "top_p": c.top_p, "seed": c.seed, "max_tokens": c.max_tokens}
+        return sampling_settings(self.cfg)
 
     async def close(self) -> None:
         await self.client.close()
