@@ -109,7 +109,7 @@ async def chat(request: Request):
     if always == "disagree":
         return reply(wrong(prompt))
     if always == "unparsed":
-        return reply("这个问题很难回答。")
+        return reply("这个问题很难回答。\r帖子里没有说。")  # a bare CR: the sheet must quote it or it ends the row
     return reply(answer(prompt))
 
 

@@ -164,7 +164,7 @@ def test_faults_are_retried_counted_and_reported(run_cli, tmp_path):
     assert totals["disagreed"] == buckets[6]
     assert totals["no label found"] == buckets[7]
     assert totals["agreed"] == 110 - buckets[5] - buckets[6] - buckets[7]
-    sheet = list(csv.DictReader(io.StringIO((out / "revision.csv").read_text(encoding="utf-8"))))
+    sheet = list(csv.DictReader(io.StringIO((out / "revision.csv").read_bytes().decode(), newline="")))
     assert len(sheet) == buckets[5] + buckets[6] + buckets[7]
     assert {r["status"] for r in sheet} == {"disagreed", "unparsed"} and all(r["revised_answer"] == "" for r in sheet)
     assert sum(len((out / f"{s}.jsonl").read_text().splitlines()) for s in ("train", "val", "test")) == totals["agreed"]
@@ -277,8 +277,9 @@ def test_revision_round_trip_and_bad_sheets(run_cli, tmp_path):
         srv.stop()
     out = last_run(tmp_path)
     sheet_path = out / "revision.csv"
-    rows = list(csv.DictReader(io.StringIO(sheet_path.read_text(encoding="utf-8"))))
+    rows = list(csv.DictReader(io.StringIO(sheet_path.read_bytes().decode(), newline="")))
     assert rows and {r["task"] for r in rows} <= {"sos_hl_1k", "cp"}
+    assert any("\r" in r["teacher_answer"] for r in rows)  # the unparsed answers' bare CR kept inside its row
     before = {s: (out / f"{s}.jsonl").read_bytes() for s in ("train", "val", "test")}
 
     def write_sheet(path: Path, edited: list[dict]) -> None:
@@ -431,7 +432,7 @@ def test_serve_py_on_the_tiny_model_is_a_teacher(run_cli, tmp_path, cli_cache):
     out = last_run(tmp_path)
     report = json.loads((out / "build_report.json").read_text())["tasks"]["sos_hl_1k/test"]
     assert report["items"] == 30 == report["agreed"] + report["disagreed"] + report["unparsed"]
-    sheet = list(csv.DictReader(io.StringIO((out / "revision.csv").read_text(encoding="utf-8"))))
+    sheet = list(csv.DictReader(io.StringIO((out / "revision.csv").read_bytes().decode(), newline="")))
     assert (
         len(sheet) == 30 - report["agreed"] and len((out / "test.jsonl").read_text().splitlines()) == report["agreed"]
     )

@@ -366,7 +366,7 @@ def explain(cfg: DictConfig) -> dict:
     files[out / REPORT] = dumps_json(report)
     files[out / "build_report.md"] = explain_markdown(report)
     if sheet:
-        files[out / "revision.csv"] = sheet_text(sheet)
+        files[out / "revision.csv"] = csv_text(SHEET_FIELDS, sheet)
     else:
         (out / "revision.csv").unlink(missing_ok=True)
     write_files_atomic(files)
@@ -431,9 +431,11 @@ def explain_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def sheet_text(rows: list[dict]) -> str:
+def csv_text(fieldnames, rows: list[dict]) -> str:
+    """RFC 4180 CSV: CRLF row ends are what spreadsheets expect, and they make the writer quote a teacher's answer
+    holding a lone CR, which would otherwise end the row for every reader."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SHEET_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=fieldnames, lineterminator="\r\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
@@ -605,11 +607,7 @@ def translate(cfg: DictConfig) -> dict:
     files = {out / f"{s}.jsonl": jsonl_text(rows[s]) for s in cfg.splits}
     files[out / REPORT] = dumps_json(report)
     if untranslated:
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=("split", "task", "id", "reason"), lineterminator="\n")
-        w.writeheader()
-        w.writerows(untranslated)
-        files[out / "untranslated.csv"] = buf.getvalue()
+        files[out / "untranslated.csv"] = csv_text(("split", "task", "id", "reason"), untranslated)
     write_files_atomic(files)
     for key, value in report["tasks"].items():
         log.info("%s: %d items, %d translated", key, value["items"], value.get("translated", 0))
