@@ -259,12 +259,12 @@ class StepTimer(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def lightning_run(args, tokenizer, path: Path, batches: list[dict]) -> tuple[float, list[float]]:
+def lightning_run(args, tokenizer, path: Path, batches: list[dict], attn: str = "sdpa") -> tuple[float, list[float]]:
     from mentalglm.models.module import MentalGLMModule
 
     torch.manual_seed(args.seed)
     module = MentalGLMModule(
-        model={"name": "tiny_glm", "pretrained": str(path), "dtype": "float32", "attn_implementation": "sdpa"},
+        model={"name": "tiny_glm", "pretrained": str(path), "dtype": "float32", "attn_implementation": attn},
         lora=LORA,
         optimizer=OPTIMIZER,
         generation={"max_new_tokens": 8, "val_max_new_tokens": 8},

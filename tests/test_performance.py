@@ -2,6 +2,7 @@
 validation's early stop must not change any parsed label. (No timings here: see benchmarks/.)"""
 
 import csv
+import math
 import subprocess
 import sys
 import warnings
@@ -415,3 +416,24 @@ def test_chunked_loss_with_a_lora_head_equals_labels_loss(tiny_checkpoint, tiny_
     assert any("lm_head" in k for k in want_grads)
     for k, g in _lora_grads(model).items():
         torch.testing.assert_close(g, want_grads[k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_peers_benchmark_runs_trl_beside_the_project(tmp_path):
+    """benchmarks/peers.py end to end (LLaMA-Factory left out: it builds a venv of its own)."""
+    pytest.importorskip("trl")
+    from mentalglm.data.paths import shared_data_dir
+
+    if shared_data_dir() is None:
+        pytest.skip("needs ../shared/data")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--per-group", "15", "--steps", "3"]
+    cmd += ["--warmup", "1", "--rounds", "1", "--vocab", "0", "--cache-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {c[0]: c for c in (line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| "))}
+    rows = {k.strip(): [c.strip() for c in v] for k, v in rows.items()}
+    for system in ("plain", "trl", "project-grouped", "project-packed"):
+        assert float(rows[system][1].replace(",", "")) > 0 and math.isfinite(float(rows[system][4]))
+    assert "llamafactory" not in rows
+    assert "goal: project-grouped >= 1.5x trl" in proc.stdout

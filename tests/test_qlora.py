@@ -51,3 +51,31 @@ def test_a_quantized_base_trains_saves_and_reloads(tmp_path, cli_cache, quantiza
     with torch.no_grad():
         got = reloaded(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_a_quantized_base_keeps_its_unquantized_weights_in_the_model_dtype(cli_cache, quantization):
+    """Embeddings, LM head and norms stay bf16 (peft's prepare_model_for_kbit_training would make them fp32,
+    doubling them), and a step with gradient checkpointing still reaches the adapter."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import ROOT
+    from omegaconf import OmegaConf
+
+    model_cfg = {
+        **OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/tiny_glm.yaml")),
+        "dtype": "bfloat16",
+        "quantization": quantization,
+        "gradient_checkpointing": True,
+    }
+    torch.manual_seed(0)
+    model = apply_lora(load_base_model(model_cfg, cli_cache), LORA)
+    base = model.get_base_model()
+    unquantized = [base.model.embed_tokens.weight, base.lm_head.weight, base.model.norm.weight]
+    assert all(p.dtype == torch.bfloat16 for p in unquantized)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    ids = torch.randint(10, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    model.train()
+    loss = supervised_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, "mask")
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert torch.isfinite(loss) and grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -107,11 +107,10 @@ def load_base_model(model_cfg: ModelConfig | Mapping[str, Any], cache_dir: str |
     if quant is not None:
         kwargs["quantization_config"] = quant
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_cfg.gradient_checkpointing)
-    elif model_cfg.gradient_checkpointing:
+    # A quantized base is not passed through peft's prepare_model_for_kbit_training: it casts every weight left
+    # unquantized to fp32, at GLM-4's vocabulary 1.2B embedding and LM-head parameters (benchmarks/README.md,
+    # QLoRA memory). They stay in model.dtype, as in bf16 LoRA; peft freezes the base either way.
+    if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False  # training default; generation turns the cache on explicitly
