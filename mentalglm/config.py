@@ -150,11 +150,18 @@ class DataConfig:
     batch_size: int = 4  # micro-batch (the paper: 4, with gradient accumulation 8)
     eval_batch_size: int = 32  # generation batch (val/test)
     batching: str = "grouped"  # grouped (length-grouped buckets) | packed (padding-free) | random
+    # Each task's description (labels and definitions, the paper's Eq. 1 d) before the query. null: only when
+    # evaluate.py runs a base model (zero/few-shot); true: everywhere (train, evaluate, predict, serve).
+    task_description: bool | None = None
     bucket_batches: int = 100  # micro-batches per length-sorted bucket (grouped batching)
     num_workers: int = 0
     on_error: str = "raise"  # raise | skip (skips are counted and reported)
     on_leak: str = "warn"  # warn | error: the same post in two splits
     limit_eval: int | None = None  # cap val/test items per task (quick checks)
+    # The default of every IMHI entry's `pool` / `val_fraction` (conf/data/default.yaml interpolates them):
+    # data.pool=[train,val,test] data.val_fraction=0.1 is the paper's Table 1 recipe.
+    pool: list[str] | None = None
+    val_fraction: float | None = None
 
 
 @dataclass
@@ -212,10 +219,15 @@ class EvaluateConfig(RunConfig):
     run_dir: str | None = None  # a train.py run directory: its last stage's best adapter
     predictions: str | None = None  # score this JSONL file of outputs, no model
     on_duplicate: str = "error"  # a predictions file repeating an item: error | keep_first
-    report: str | None = None  # ablation: rebuild a sweep's table (sweep_dir=)
+    report: str | None = None  # ablation: rebuild a sweep's table (sweep_dir=) | paper: the paper's tables
     sweep_dir: str | None = None
+    table: str = "table4"  # report=paper: table4 | table3 | table5 | tableS1 (conf/paper/mentalglm.yaml)
+    rows: Any = None  # report=paper: [{name, path (metrics.json, run dir or predictions JSONL), paper, param}]
     split: str = "test"  # test | val
     shots: int = 0  # k solved training examples in each prompt (zero/few-shot baselines)
+    # strict | free (mentalglm/scoring/parsing.py); null: free for a base model (zero/few-shot), strict with an
+    # adapter, and for predictions= each row's `parser` field (strict when absent)
+    parser_mode: str | None = None
     save_inputs: bool = False  # write each prompt (with the post) into predictions.jsonl
     resume: Any = False  # true: continue the newest interrupted evaluation, keeping its written predictions
     output_dir: str = MISSING

@@ -47,6 +47,75 @@ TEMPLATE_FIELDS = (
 )
 
 
+# The parser's vocabulary per language; a task file may replace any list (mentalglm/scoring/parsing.py).
+#   explanation_markers  words that open an explanation besides the task's own marker (推理过程： / **解释**： /
+#                        ### Explanation): the label part ends at the first
+#   negations            a label right after one (a few characters or words later, same clause) is not predicted
+#   conclusion_markers   parser.mode=free: the text after the last one is read first (**结论**：低自杀风险)
+#   parser_idioms        phrases that are neither a label nor a negation (毫无疑问, "no doubt", "not sure")
+PARSER_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "zh": {
+        "explanation_markers": ("推理过程", "推理", "解释", "理由", "原因", "分析", "依据", "说明"),
+        "negations": ("不", "没有", "没", "并非", "未", "无", "毫无"),
+        "conclusion_markers": ("结论", "综上所述", "综上", "总之", "总结", "最终答案", "最终判断", "判断结果", "答案"),
+        "parser_idioms": (
+            "毫无疑问",
+            "无疑",
+            "无论",
+            "无法",
+            "非常",
+            "不仅",
+            "不只",
+            "不管",
+            "不论",
+            "不断",
+            "不停",
+            "不得不",
+            "不可否认",
+            "不难看出",
+            "不容忽视",
+            "不言而喻",
+        ),
+    },
+    "en": {
+        "explanation_markers": ("reasoning", "explanation", "rationale", "analysis", "justification"),
+        "negations": (
+            "not",
+            "no",
+            "never",
+            "without",
+            "nor",
+            "neither",
+            "cannot",
+            "isn't",
+            "doesn't",
+            "don't",
+            "didn't",
+            "wasn't",
+            "aren't",
+            "can't",
+            "won't",
+            "hardly",
+        ),
+        "conclusion_markers": ("in conclusion", "conclusion", "final answer", "answer", "verdict", "overall"),
+        "parser_idioms": (
+            "no doubt",
+            "not only",
+            "no matter",
+            "not entirely clear",
+            "not clear",
+            "not sure",
+            "not certain",
+            "without a doubt",
+            "cannot be ruled out",
+            "can't be ruled out",
+            "not be ruled out",
+        ),
+    },
+}
+PARSER_FIELDS = tuple(PARSER_DEFAULTS["zh"])
+
+
 @dataclass
 class TaskSpec:
     """The schema of a task file. Read through OmegaConf's structured config: a misspelt key or a value of the
@@ -77,6 +146,11 @@ class TaskSpec:
     secondary_metrics: list[str] = field(default_factory=list)
     # The task description d of the paper's Eq. 1 (label set and short definitions), for prompts that state it.
     description: str = ""
+    # null = the language's list (PARSER_DEFAULTS)
+    explanation_markers: list[str] | None = None
+    negations: list[str] | None = None
+    conclusion_markers: list[str] | None = None
+    parser_idioms: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +180,10 @@ class Task:
     case_sensitive: bool = True
     secondary_metrics: tuple[str, ...] = ()  # reported beside P/R/F1 (IMHI: accuracy, weighted F1)
     description: str = ""
+    explanation_markers: tuple[str, ...] | None = None  # None: PARSER_DEFAULTS[language] (see parser_words)
+    negations: tuple[str, ...] | None = None
+    conclusion_markers: tuple[str, ...] | None = None
+    parser_idioms: tuple[str, ...] | None = None
     source: str = ""  # the file the task was read from (for error messages)
 
     def __post_init__(self) -> None:
@@ -183,6 +261,20 @@ class Task:
             return self.label_display_names.get(child, child)
         return label
 
+    def description_text(self) -> str:
+        """The task description d of the paper's Eq. 1 as a prompt states it: the file's `description`, else the
+        label set (a zero-shot model cannot answer a question whose labels it is not told)."""
+        if self.description.strip():
+            return self.description.strip()
+        if self.language == "zh":
+            return "可选标签：" + self.label_joiner.join(self.labels)
+        return "Possible labels: " + ", ".join(self.labels)
+
+    def parser_words(self, name: str) -> tuple[str, ...]:
+        """One list of the parser's vocabulary: the task's own, else its language's (PARSER_DEFAULTS)."""
+        own = getattr(self, name)
+        return PARSER_DEFAULTS[self.language][name] if own is None else own
+
     def leaf(self, parent: str, child: str) -> str:
         return f"{parent}{self.child_sep}{child}"
 
@@ -252,6 +344,9 @@ def task_from_spec(spec: Mapping[str, Any], source: str = "") -> Task:
     data["aliases"] = {k: tuple(v) for k, v in data["aliases"].items()}
     for key in ("aspects", "secondary_metrics"):
         data[key] = tuple(data[key])
+    for key in PARSER_FIELDS:
+        if data[key] is not None:
+            data[key] = tuple(data[key])
     names = {f.name for f in fields(Task)}
     return Task(labels=labels, parents=parents, source=source, **{k: v for k, v in data.items() if k in names})
 

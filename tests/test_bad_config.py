@@ -103,3 +103,10 @@ def test_evaluate_unknown_task_name(run_cli):
         "evaluate.py", "model=tiny_glm", "data=fixtures", "trainer=cpu", "data.select=[sos_hl_1k,sos]", check=False
     )
     assert_one_line_error(proc, "unknown task 'sos' in data.select")
+
+
+def test_evaluate_unknown_parser_mode(run_cli, tmp_path):
+    preds = tmp_path / "p.jsonl"
+    preds.write_text('{"task": "sos_hl_1k", "id": "1", "labels": ["低自杀风险"], "output": "低自杀风险"}\n')
+    proc = run_cli("evaluate.py", f"predictions={preds}", "parser_mode=loose", check=False)
+    assert_one_line_error(proc, "parser_mode='loose' is not one of strict, free")

@@ -8,7 +8,9 @@ from conftest import compose_config
 from mentalglm.commands.train import plan_stages
 
 MODELS = {"glm4": ("THUDM/glm-4-9b-hf", False), "glm4_chat": ("THUDM/glm-4-9b-chat-hf", True), "tiny_glm": (None, True)}
-IMHI = ["dr", "dreaddit", "loneliness", "swmh", "t_sid", "sad", "cams", "multiwd", "irf"]
+# IMHI as released: loneliness, T-SID and CAMS only as test sets (stage one trains on them when pooled); no SWMH
+IMHI = ["dr", "dreaddit", "loneliness", "t_sid", "sad", "cams", "multiwd", "irf"]
+RELEASED = ["dr", "dreaddit", "sad", "multiwd", "irf"]
 C_IMHI = ["sos_hl_1k", "socialcd_3k", "cp"]
 
 
@@ -38,12 +40,20 @@ def test_every_combination_composes(model, chain):
         }[chain]
     )
     for s in plan_stages(cfg):
-        assert s.tasks == (IMHI if s.name == "one" else C_IMHI)
+        assert s.tasks == (RELEASED if s.name == "one" else C_IMHI)
         assert s.max_epochs == (5 if s.name == "one" else 10)
         assert s.init == ("base" if s.name == "one" or chain == "variant=s2" else "one")
     assert list(cfg.data.tasks) == C_IMHI + IMHI  # one list: the report order
     assert cfg.lora.r == 8 and cfg.lora.alpha == 32 and cfg.lora.dropout == 0.1
     assert list(cfg.lora.target_modules) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def test_the_paper_recipe_pools_every_imhi_task():
+    cfg = compose_train(["stage=one", "data.pool=[train,val,test]", "data.val_fraction=0.1"])
+    (one,) = plan_stages(cfg)
+    assert one.tasks == IMHI
+    assert all(list(cfg.data.tasks[t].pool) == ["train", "val", "test"] for t in IMHI)
+    assert all(cfg.data.tasks[t].get("pool") is None for t in C_IMHI)  # the C-IMHI splits stay the paper's
 
 
 def test_paper_training_defaults():
@@ -119,3 +129,17 @@ def test_trainer_progress_bar_off_drops_the_progress_bar_callback(tmp_path):
     off = build_callbacks(compose_train(["experiment=demo", "trainer.enable_progress_bar=false"]), tmp_path)
     assert any(isinstance(c, TQDMProgressBar) for c in on)
     assert not any(isinstance(c, TQDMProgressBar) for c in off) and len(off) == len(on) - 1
+
+
+@pytest.mark.parametrize(
+    "model, pretrained, remote",
+    [
+        ("qwen2_7b_instruct", "Qwen/Qwen2-7B-Instruct", False),
+        ("llama3_chinese_8b_instruct", "hfl/llama-3-chinese-8b-instruct-v3", False),
+        ("baichuan2_7b_chat", "baichuan-inc/Baichuan2-7B-Chat", True),  # no native class: its own code, warned
+    ],
+)
+def test_table_5_baselines_compose_for_evaluate(model, pretrained, remote):
+    cfg = compose_config([f"model={model}", "data=clinical", "paths.data_dir=/d"], "evaluate.yaml")
+    assert cfg.model.pretrained == pretrained and cfg.model.trust_remote_code is remote
+    assert list(cfg.data.tasks) == ["cp"] and cfg.data.tasks.cp.test == "/d/clinical/test.txt"

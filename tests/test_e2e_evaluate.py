@@ -7,6 +7,7 @@ import pytest
 from conftest import FAST_DEMO
 
 from mentalglm.fixtures import make_fixtures  # noqa: F401  (the fixtures package must be importable)
+from mentalglm.tasks import TASKS
 
 pytestmark = pytest.mark.slow
 
@@ -46,6 +47,7 @@ def test_trained_adapter_and_run_dir_give_the_train_run_numbers(run_cli, tmp_pat
             assert metrics[key]["f1"] == pytest.approx(trained[key]["f1"]), key  # greedy: same numbers
         rows = read_jsonl(out / "predictions.jsonl")
         assert {"task", "id", "output", "gold_labels", "pred_labels", "parsed"} <= set(rows[0])
+        assert {r["parser"] for r in rows} == {"strict"}  # a fine-tuned adapter writes the label sentence first
         assert "query" not in rows[0]  # no raw post text unless save_inputs=true
         assert "| CP (child) |" in (out / "results.md").read_text()
         assert (out / "sos_hl_1k_confusion.png").is_file() and (out / "cp_child_per_label_f1.png").is_file()
@@ -55,6 +57,7 @@ def test_trained_adapter_and_run_dir_give_the_train_run_numbers(run_cli, tmp_pat
     run_cli("evaluate.py", *EVAL, f"adapter={adapter}", f"output_dir={out_c}", "save_inputs=true", "data.select=[cp]")
     rows = read_jsonl(out_c / "predictions.jsonl")
     assert {r["task"] for r in rows} == {"cp"} and all(r["query"] for r in rows)
+    assert not any(r["query"].startswith(TASKS["cp"].description_text()) for r in rows)  # not what it was trained on
 
 
 def test_score_only_cli(run_cli, tmp_path):
@@ -72,6 +75,9 @@ def test_few_shot_baseline_without_adapter(run_cli, tmp_path):
     assert len(rows) == 6 and {r["task"] for r in rows} == {"sos_hl_1k"}
     # Two solved examples from the train split precede the question.
     assert all(r["query"].count("该帖子的发布者有") >= 2 for r in rows)
+    assert {r["parser"] for r in rows} == {"free"}  # a base model answers in its own words
+    # ... and is told the labels first (data.task_description: null = for base models)
+    assert all(r["query"].startswith(TASKS["sos_hl_1k"].description_text()) for r in rows)
     assert "2-shot" in (out / "results.md").read_text()
 
 
@@ -91,3 +97,29 @@ def test_bad_adapter_path_is_one_line(run_cli, tmp_path):
     proc = run_cli("evaluate.py", *EVAL, f"adapter={tmp_path / 'nope'}", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "is not a LoRA adapter directory" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_clinical_data_is_a_cp_test_file_alone(run_cli, tmp_path):
+    """data=clinical: a CP-format test file, no train or val; scored like CP, laid out as Table 5."""
+    from mentalglm.data.paths import FIXTURES_DIR
+
+    out = tmp_path / "clinical"
+    clinical = [e for e in EVAL if e != "data=fixtures"] + [
+        "data=clinical",
+        f"data.tasks.cp.test={FIXTURES_DIR / 'cp/test.txt'}",
+    ]
+    run_cli("evaluate.py", *clinical, f"output_dir={out}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"cp_parent", "cp_child"} <= set(metrics) and metrics["cp_parent"]["n"] == 6
+    run_cli(
+        "evaluate.py",
+        "report=paper",
+        "table=5",
+        f"rows=[{{name: tiny, path: '{out}', paper: GLM-4-9b-chat}}]",
+        f"output_dir={out}",
+    )
+    assert "| Δ tiny − GLM-4-9b-chat |" in (out / "paper_table5.md").read_text()
+    # without the file: one line naming the key to set
+    proc = run_cli("evaluate.py", *[e for e in clinical if not e.startswith("data.tasks.cp.test")], check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: ") and "data.tasks.cp" in last

@@ -137,3 +137,12 @@ def test_merge_init_adapter_starts_a_fresh_adapter(run_cli, tmp_path):
     two = summary_of(runs[-1])["stages"]["two"]
     log = (runs[-1] / "train.log").read_text()
     assert "merging LoRA adapter" in log and two["init_adapter"]
+
+
+def test_stage_one_can_select_by_mentallama_weighted_f1(run_cli, tmp_path):
+    monitor = "callbacks.model_checkpoint.monitor=val/f1_weighted_mean"
+    run_cli("train.py", *FAST_DEMO, "variant=s1", "test=false", monitor)
+    (run,) = run_dirs(tmp_path)
+    stage = summary_of(run)["stages"]["one"]
+    assert stage["monitor"] == "val/f1_weighted_mean" and 0 <= stage["best_val_f1_mean"] <= 1
+    assert Path(stage["best_adapter"]).is_dir()

@@ -312,3 +312,104 @@ def test_parsing_is_fast():
         for name, text in cases:
             parse(name, text)
     assert time.perf_counter() - start < 1.0
+
+
+# ----------------------------------------------------------------------------- what real models write
+# Outputs written for this project in the ways fine-tuned and zero-shot models answer (no real posts).
+BOTH_MODES = [
+    ("sos_hl_1k", "不是高自杀风险，而是低自杀风险。", ["低自杀风险"]),
+    ("sos_hl_1k", "没有高自杀风险。", ["低自杀风险"]),
+    ("sos_hl_1k", "并非高风险，属于低风险。", ["低自杀风险"]),
+    ("sos_hl_1k", "该帖子的發布者有高自殺風險。", ["高自杀风险"]),
+    ("sos_hl_1k", "毫无疑问是高自杀风险。", ["高自杀风险"]),
+    ("sos_hl_1k", "该帖子的发布者有低自杀风险。推理过程：虽然提到高自杀风险的字眼，但没有计划。", ["低自杀风险"]),
+    ("sos_hl_1k", "低自杀风险。\n**解释**：不是高自杀风险。", ["低自杀风险"]),
+    ("sos_hl_1k", "低自杀风险\n### 推理\n帖子里说想死，高自杀风险的迹象……", ["低自杀风险"]),
+    ("sos_hl_1k", "帖子里有压力，但不是高自杀风险，更像是低自杀风险的表现。", ["低自杀风险"]),
+    ("socialcd_3k", "以偏概全，没有读心术，也不是罪责归己。", ["以偏概全"]),
+    ("socialcd_3k", "该帖子包含的认知歪曲类型有：讀心術、亂貼標籤。", ["读心术", "乱贴标签"]),
+    ("socialcd_3k", "帖子体现了以偏概全和乱贴标签，但并非读心术。推理：……", ["以偏概全", "乱贴标签"]),
+    ("cp", "不是认知歪曲-放大和缩小，而是认知歪曲-以偏概全。", ["认知歪曲-以偏概全"]),
+    ("dr", "The poster is not depressed.", ["no"]),
+    ("dr", "No doubt about it: the poster suffers from depression.", ["yes"]),
+    ("dr", "It is not entirely clear, but yes, the poster suffers from depression.", ["yes"]),
+    ("dr", "Yes.\n\nExplanation: the poster is not depressed about work.", ["yes"]),
+    (
+        "swmh",
+        "This post shows no signs of depression; it shows mental disorder symptoms related to anxiety.",
+        ["anxiety"],
+    ),
+    ("sad", "The stress cause is not work but school.", ["school"]),
+]
+# Reasoning first, the verdict last: the strict parser reads only a label part before the explanation.
+FREE_ONLY = [
+    ("sos_hl_1k", "**推理**：帖子没有提到具体计划，也没有告别的话。\n\n**结论**：低自杀风险", ["低自杀风险"]),
+    ("sos_hl_1k", "### 推理\n帖子描述了长期的痛苦，并提到了买药。\n### 结论\n高自杀风险", ["高自杀风险"]),
+    ("sos_hl_1k", "推理：帖子表达了绝望，并写了遗言，因此属于高自杀风险。", ["高自杀风险"]),
+    ("sos_hl_1k", "推理：帖子只是在抱怨工作。综上所述，该帖子的发布者有低自杀风险。", ["低自杀风险"]),
+    (
+        "socialcd_3k",
+        "**推理**：他认为一次失败就代表一切，这是以偏概全；并不是读心术。\n**结论**：以偏概全",
+        ["以偏概全"],
+    ),
+    (
+        "dr",
+        "**Reasoning:** the poster says nothing matters.\n**Conclusion:** Yes, the poster suffers from depression.",
+        ["yes"],
+    ),
+    ("dreaddit", "Reasoning: deadlines and no sleep. In conclusion, the poster suffers from stress.", ["yes"]),
+]
+
+
+@pytest.mark.parametrize("mode", ["strict", "free"])
+@pytest.mark.parametrize("name, text, labels", BOTH_MODES)
+def test_negations_markers_and_traditional_characters(name, text, labels, mode):
+    assert parse_labels(TASKS[name], text, mode) == ParseResult(labels, True), text
+
+
+@pytest.mark.parametrize("name, text, labels", FREE_ONLY)
+def test_free_mode_reads_conclusion_last_answers(name, text, labels):
+    assert parse_labels(TASKS[name], text, "free") == ParseResult(labels, True)
+    assert parse_labels(TASKS[name], text, "strict") == UNPARSED  # no label before the explanation
+
+
+@pytest.mark.parametrize("mode", ["strict", "free"])
+@pytest.mark.parametrize("name", list(TASKS))
+def test_a_negated_label_is_never_predicted(name, mode):
+    task = TASKS[name]
+    negation = "不是" if task.language == "zh" else "it is not "
+    for label in task.labels:
+        if task.language == "en" and label in ("no", "none"):
+            continue  # "not no" is no claim
+        for term in (label, *task.aliases.get(label, ())):
+            assert label not in parse_labels(task, f"{negation}{term}。推理：x", mode).labels, term
+
+
+def test_chinese_labels_survive_traditional_to_simplified():
+    from mentalglm.scoring.parsing import normalize
+
+    for task in TASKS.values():
+        if task.language == "zh":
+            for term in (*task.labels, *task.children, *(a for al in task.aliases.values() for a in al)):
+                assert normalize(task, term) == term, (task.name, term)
+
+
+def test_a_task_file_replaces_the_parser_vocabulary():
+    from mentalglm.tasks import task_from_spec
+
+    spec = {
+        "name": "mood",
+        "kind": "binary",
+        "labels": ["好", "坏"],
+        "positive": "坏",
+        "query_template": "{post}",
+        "answer_template": "{labels}",
+        "negations": ["绝非"],
+        "explanation_markers": ["依我看"],
+    }
+    task = task_from_spec(spec)
+    assert parse_labels(task, "绝非坏") == ParseResult(["好"], True)
+    assert parse_labels(task, "不是坏") == ParseResult(["坏"], True)  # 不 is not a negation of this task
+    assert parse_labels(task, "好。依我看：坏") == ParseResult(["好"], True)
+    with pytest.raises(ValueError, match="parser mode 'loose'"):
+        parse_labels(task, "好", "loose")

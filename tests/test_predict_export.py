@@ -172,3 +172,20 @@ def test_export_merges_the_adapter_into_a_standalone_checkpoint(run_cli, tmp_pat
         )
     proc = run_cli("export.py", *MODEL, check=False)
     assert proc.returncode == 2 and "nothing to merge" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("described", [False, True])
+def test_predict_prompts_carry_the_description_when_the_adapter_was_trained_with_it(cli_cache, described):
+    from omegaconf import OmegaConf
+
+    from mentalglm.serving.predictor import Predictor
+    from mentalglm.tasks import TASKS
+
+    model = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/tiny_glm.yaml"))
+    data = {"name": "t", "task_description": described}
+    p = Predictor(
+        model, {"sos_hl_1k": TASKS["sos_hl_1k"]}, None, cache_dir=cli_cache, data=data, generation={}, load=False
+    )
+    ids, truncated = p.post_prompt(TASKS["sos_hl_1k"], "最近好累")
+    text = p.tokenizer.decode(ids)
+    assert ("低自杀风险：帖子表达了负面情绪" in text) is described and "最近好累" in text and not truncated

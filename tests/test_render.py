@@ -177,3 +177,18 @@ def test_tokenize_dataset_stats_columns_and_cache(tok, tmp_path):
     assert not stats3["cache_hit"]
     assert evalset[0]["labels"] == ds[0]["labels"]  # gold label names, for the generation collator
     assert evalset[0]["input_ids"] == render_prompt(tok, ds[0]["query"], chat=True)
+
+
+def test_the_task_description_goes_before_the_query_and_the_post_span_follows():
+    from mentalglm.data.fewshot import add_descriptions
+
+    post = "最近总是睡不着。"
+    records = []
+    for name in ("sos_hl_1k", "dr"):
+        query, start, end = TASKS[name].format_query(post)
+        records.append({"task": name, "query": query, "post_start": start, "post_end": end})
+    sos, dr = add_descriptions(records, TASKS)
+    assert sos["query"].startswith(TASKS["sos_hl_1k"].description.strip() + "\n\n")
+    assert "低自杀风险：" in sos["query"] and sos["query"].endswith(records[0]["query"])
+    assert dr["query"].startswith("Possible labels: no, yes\n\n")  # no description in the file: the label set
+    assert all(r["query"][r["post_start"] : r["post_end"]] == post for r in (sos, dr))

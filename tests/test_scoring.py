@@ -93,16 +93,17 @@ def test_score_records_in_memory():
 
 def test_results_markdown_shapes():
     assert "No predictions" in results_markdown({})
-    md = results_markdown({"sos_hl_1k": dict(precision=0.8, recall=0.9, f1=0.85, parse_rate=1.0, n=10)}, title="T")
+    # 10 items: 4 low-risk posts answered low, 2 unparsed; 4 high-risk posts answered high
+    confusion = {"confusion": [[4, 0, 2], [0, 4, 0]], "confusion_labels": ["低自杀风险", "高自杀风险", "unparsed"]}
+    sos = dict(precision=1.0, recall=1.0, f1=1.0, parse_rate=0.8, n=10, accuracy=0.8, **confusion)
+    md = results_markdown({"sos_hl_1k": sos}, title="T")
     assert md.startswith("# T")
-    assert "| SOS-HL-1K | 80.00 | 90.00 | 85.00 | 100.00 | 10 |" in md
-    assert "## Accuracy and weighted F1" not in md  # SOS-HL-1K reports no secondary metrics
-    assert (
-        results_markdown(
-            {"sos_hl_1k": dict(precision=0.8, recall=0.9, f1=0.85, parse_rate=1.0, n=10), "f1_mean": 0.85}, title="T"
-        )
-        == md
-    )  # summary entries are skipped
+    assert "| SOS-HL-1K | 100.00 | 100.00 | 100.00 | 80.00 | 10 |" in md
+    # F1 of the high-risk class hides the unparsed low-risk answers; accuracy and the counts show them
+    assert "## Accuracy and weighted F1" in md and "| SOS-HL-1K | 80.00 | 80.00 | 10 |" in md
+    assert "| Task | Gold | low risk | high risk | unparsed |" in md
+    assert "| SOS-HL-1K | low risk | 4 | 0 | 2 |" in md and "| SOS-HL-1K | high risk | 0 | 4 | 0 |" in md
+    assert results_markdown({"sos_hl_1k": sos, "f1_mean": 1.0}, title="T") == md  # summary entries are skipped
 
 
 def test_save_plots(tmp_path, recwarn):
@@ -172,4 +173,32 @@ def test_blank_lines_are_skipped_and_line_numbers_kept(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text("\n" + json.dumps(GOOD) + "\n\n" + json.dumps({"task": "x", "output": ""}) + "\n")
     with pytest.raises(PredictionsError, match=r"p.jsonl:4: field 'task'"):
+        score_predictions_file(path, tmp_path / "out")
+
+
+REASONING_FIRST = "**推理**：帖子里只是在抱怨工作，没有计划，也不是高自杀风险。\n**结论**：低自杀风险"
+
+
+def test_free_form_rows_are_read_the_way_they_are_marked(tmp_path):
+    rows = [
+        {"task": "sos_hl_1k", "id": "marked", "labels": ["低自杀风险"], "output": REASONING_FIRST, "parser": "free"},
+        {"task": "sos_hl_1k", "id": "plain", "labels": ["低自杀风险"], "output": REASONING_FIRST},
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    metrics = score_predictions_file(path, tmp_path / "out")
+    scored = {r["id"]: r for r in map(json.loads, (tmp_path / "out" / "scored.jsonl").read_text().splitlines())}
+    assert scored["marked"]["pred_labels"] == ["低自杀风险"] and scored["marked"]["parser"] == "free"
+    assert scored["plain"]["parsed"] is False and scored["plain"]["parser"] == "strict"
+    assert metrics["sos_hl_1k"]["parse_rate"] == 0.5
+    # parser_mode= (evaluate.py's setting) reads every row one way
+    metrics = score_predictions_file(path, tmp_path / "free", parser_mode="free")
+    assert metrics["sos_hl_1k"]["parse_rate"] == 1.0 and metrics["sos_hl_1k"]["accuracy"] == 1.0
+
+
+def test_a_row_with_an_unknown_parser_is_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    row = {"task": "sos_hl_1k", "id": "1", "labels": ["低自杀风险"], "output": "低自杀风险", "parser": "loose"}
+    path.write_text("\n" + json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(PredictionsError, match=r"p\.jsonl:2: field 'parser': 'loose' is not one of strict, free"):
         score_predictions_file(path, tmp_path / "out")

@@ -165,3 +165,61 @@ def test_skip_mode_reports_through_build_splits(tmp_path):
     s = build_splits({"sos_hl_1k": {"train": bad, "val_size": 2}}, seed=0, on_error="skip", report=report)
     assert len(s["train"]) == 8 and len(s["val"]) == 2
     assert report.total_skipped == 1 and report.skipped[(str(bad), "label outside the label set")] == 1
+
+
+# The paper's Table 1 (train/val per IMHI task) and the pools it is 90/10 of (REFERENCE: released train+val+test
+# for DR, dreaddit, SAD, IRF, MultiWD; the test set alone for the others).
+TABLE_1 = {
+    "dr": (1654, 184),
+    "dreaddit": (3195, 356),
+    "loneliness": (477, 54),
+    "swmh": (9793, 1089),
+    "t_sid": (863, 96),
+    "sad": (6162, 685),
+    "cams": (562, 63),
+    "multiwd": (17716, 1969),
+    "irf": (6336, 705),
+}
+
+
+@pytest.mark.parametrize("task", list(TABLE_1))
+def test_pooled_val_fraction_gives_the_papers_table_1_sizes(task):
+    from mentalglm.data.splits import pooled_val_size
+
+    train, val = TABLE_1[task]
+    n = train + val
+    assert (n - pooled_val_size(n, 0.1), pooled_val_size(n, 0.1)) == (train, val)
+
+
+def test_pooled_fixture_splits_follow_the_same_arithmetic():
+    import math
+
+    spec = {"train": F / "imhi/dr/train.csv", "val": F / "imhi/dr/val.csv", "pool": ["train", "val"]}
+    plain = build_splits({"dr": {k: spec[k] for k in ("train", "val")}}, seed=42)
+    pooled = build_splits({"dr": {**spec, "val_fraction": 0.1}}, seed=42)
+    n = len(plain["train"]) + len(plain["val"])
+    assert (len(pooled["train"]), len(pooled["val"])) == (n - math.ceil(0.1 * n), math.ceil(0.1 * n))
+    ids = [r["id"] for r in pooled["train"] + pooled["val"]]
+    assert len(set(ids)) == n and {i.split("-")[0] for i in ids} == {"train", "val"}  # every item once
+    assert build_splits({"dr": {**spec, "val_fraction": 0.1}}, seed=42) == pooled  # seeded
+
+
+def test_a_test_only_stage_task_trains_only_when_pooled():
+    from omegaconf import OmegaConf
+
+    from mentalglm.runtime.builders import stage_tasks, tasks_with_split, test_tasks
+
+    def cfg(pool):
+        cams = {"stage": "one", "test": "CAMS.csv", "pool": pool, "val_fraction": 0.1 if pool else None}
+        dr = {"stage": "one", "train": "DR/train.csv", "val": "DR/val.csv"}
+        sos = {"stage": "two", "train": "sos.csv", "val_size": 250, "test": "sos_test.csv"}
+        return OmegaConf.create({"data": {"tasks": {"cams": cams, "dr": dr, "sos_hl_1k": sos}}})
+
+    released = cfg(None)
+    names = list(released.data.tasks)
+    assert stage_tasks(released, names, "one") == ["dr"]  # CAMS was released only as a test set
+    assert test_tasks(released, names) == ["sos_hl_1k"]  # never trained on, so not tested after training
+    assert tasks_with_split(released, names, "test") == ["cams", "sos_hl_1k"]  # evaluate.py still can
+    pooled = cfg(["train", "val", "test"])
+    assert stage_tasks(pooled, names, "one") == ["cams", "dr"]
+    assert test_tasks(pooled, names) == ["sos_hl_1k"] and tasks_with_split(pooled, names, "test") == ["sos_hl_1k"]

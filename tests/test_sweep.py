@@ -200,6 +200,7 @@ def test_table_means_and_stds_over_seeds_one_row_per_model_and_variant(tmp_path)
     assert summary["jobs"] == 8 and summary["failed"] == 3
     md = (sweep / "ablation.md").read_text()
     rows = table_rows(md)
+    assert "## The paper's Table 3 (test F1, %)" in md and "| MentalGLM-chat-S1 | 66.28 |" in md  # the reference
     # Sorted by model, then the paper's variant order.
     assert list(rows) == [("glm4", "s1"), ("glm4", "s2"), ("glm4", "full"), ("glm4_chat", "s1"), ("glm4_chat", "full")]
     full = rows[("glm4_chat", "full")]

@@ -668,6 +668,7 @@ def baseline(cfg: DictConfig) -> dict:
                 "labels": record["labels"],
                 "output": entry["content"] if entry else "",
                 "truncated": bool(entry and entry.get("finish_reason") == "length"),
+                "parser": "free",  # an API model answers in its own words; rescoring the file reads it the same way
             }
         )
     out = Path(cfg.output_dir)

@@ -26,6 +26,7 @@ from mentalglm.runtime.builders import (
     tasks_with_split,
 )
 from mentalglm.runtime.resume import wants_resume
+from mentalglm.scoring.parsing import MODES
 from mentalglm.scoring.score import score
 from mentalglm.tasks import TASKS, Task
 from mentalglm.tracking import finish_loggers
@@ -47,8 +48,15 @@ def evaluate(cfg: DictConfig) -> dict:
         if not cfg.get("sweep_dir"):
             raise ConfigError("report=ablation needs sweep_dir=PATH (a train.py -m sweep directory)")
         return rebuild_ablation(cfg.sweep_dir)
+    if cfg.get("report") == "paper":
+        from mentalglm.reporting.paper import paper_report
+
+        rows = OmegaConf.to_container(cfg.rows, resolve=True) if cfg.get("rows") is not None else []
+        return paper_report(str(cfg.table), rows, out_dir)
     if cfg.get("report"):
-        raise ConfigError(f"report={cfg.report!r} is unknown; the only report is `ablation`")
+        raise ConfigError(f"report={cfg.report!r} is unknown; the reports are `ablation` and `paper`")
+    if cfg.get("parser_mode") not in (None, *MODES):
+        raise ConfigError(f"parser_mode={cfg.parser_mode!r} is not one of {', '.join(MODES)} (or null)")
     tasks = build_tasks(cfg)
     if cfg.get("predictions"):
         return score_predictions_file(
@@ -57,6 +65,7 @@ def evaluate(cfg: DictConfig) -> dict:
             scoring_tasks(tasks),
             templates=OmegaConf.to_container(cfg.data.templates, resolve=True),
             on_duplicate=cfg.on_duplicate,
+            parser_mode=cfg.get("parser_mode"),
         )
     return evaluate_model(cfg, out_dir, tasks)
 
@@ -72,8 +81,17 @@ def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task]) -> di
     names = tasks_with_split(cfg, selected_tasks(cfg, tasks), cfg.split)
     check_evaluate_config(cfg, names)
     adapter = resolve_adapter(cfg)
+    # A base model answers in its own words: the free-form reading unless the user chose.
+    parser_mode = cfg.get("parser_mode") or ("free" if adapter is None else "strict")
+    # ... and is told the label set it must choose from (the paper's Eq. 1 task description).
+    describe = adapter is None if cfg.data.get("task_description") is None else bool(cfg.data.task_description)
     if adapter is None:
-        log.info("no adapter: evaluating the base model %s with %d-shot prompts", cfg.model.name, cfg.shots)
+        log.info(
+            "no adapter: evaluating the base model %s with %d-shot prompts (parser_mode=%s)",
+            cfg.model.name,
+            cfg.shots,
+            parser_mode,
+        )
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     progress = PartialPredictions(out_dir, fingerprint(prediction_settings(cfg, names), adapter))
     done = progress.start(resume=wants_resume(cfg.get("resume")))
@@ -87,6 +105,7 @@ def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task]) -> di
         splits=splits,
         test_split=cfg.split,
         shots=int(cfg.shots),
+        describe=describe,
         skip={item_key(r) for r in done},
     )
     dm.setup("test")
@@ -107,10 +126,14 @@ def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task]) -> di
                 trainer.test(module, datamodule=dm, verbose=False)
             new = module.test_predictions
         # Rows written before an interruption and rows of this session, scored together by the one scoring path.
-        rows, results = score([{k: r[k] for k in (*ROW_FIELDS, "query") if k in r} for r in done + new], eval_tasks)
+        rows, results = score(
+            [{k: r[k] for k in (*ROW_FIELDS, "query") if k in r} for r in done + new], eval_tasks, parser_mode
+        )
         val_rows = []
         if cfg.scores.enabled and cfg.split == "test":
-            val_rows = validation_scores(cfg, trainer, module, tokenizer, tasks, names, out_dir, shots=int(cfg.shots))
+            val_rows = validation_scores(
+                cfg, trainer, module, tokenizer, tasks, names, out_dir, shots=int(cfg.shots), describe=describe
+            )
         if not trainer.is_global_zero:
             return results  # every rank holds all rows and metrics; rank 0 alone writes them
         risk = calibrations = None
@@ -149,7 +172,7 @@ def prediction_settings(cfg: DictConfig, tasks: list[str]) -> dict:
         "tasks": tasks,
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
-        "data": {k: data.get(k) for k in ("max_length", "limit_eval", "templates")},
+        "data": {k: data.get(k) for k in ("max_length", "limit_eval", "templates", "task_description")},
         "files": {t: data["tasks"][t] for t in tasks},
     }
 

@@ -26,6 +26,7 @@ def validation_scores(
     names: list[str],
     out_dir: Path,
     shots: int = 0,
+    describe: bool | None = None,
 ) -> list[dict]:
     """Label likelihoods of every validation item of the tasks in `names` that have a validation split (no
     generation, nothing logged): what the calibration is fitted on."""
@@ -33,7 +34,7 @@ def validation_scores(
     if not with_val:
         return []
     datamodule = build_datamodule(
-        cfg, tokenizer, tasks, with_val, out_dir, splits=("val",), shots=shots, save_split=False
+        cfg, tokenizer, tasks, with_val, out_dir, splits=("val",), shots=shots, describe=describe, save_split=False
     )
     module.collect_scores = True
     try:

@@ -83,6 +83,7 @@ class InstructionDataModule(L.LightningDataModule):
         splits: tuple[str, ...] = ("train", "val", "test"),
         test_split: str = "test",
         shots: int = 0,
+        describe: bool = False,
         val_max_pad_fraction: float | None = None,
         skip: Collection[tuple[str, str, str]] = (),
     ):
@@ -104,7 +105,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.chat, self.seed, self.base_template, self.system = chat, seed, base_template, system
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.split_file = Path(split_file) if split_file else None
-        self.splits, self.test_split, self.shots = tuple(splits), test_split, shots
+        self.splits, self.test_split, self.shots, self.describe = tuple(splits), test_split, shots, describe
         self.val_max_pad_fraction = val_max_pad_fraction
         self.skip = set(skip)
         self.report = LoadReport()
@@ -155,6 +156,10 @@ class InstructionDataModule(L.LightningDataModule):
                     splits[name] = add_shots(
                         splits[name], splits["train"], self.shots, seed=self.seed, tasks=self.task_defs
                     )
+        if self.describe:  # before the shots too: description, solved examples, then the question
+            from mentalglm.data.fewshot import add_descriptions
+
+            splits = {name: add_descriptions(rows, self.task_defs) for name, rows in splits.items()}
         for name, records in splits.items():
             if not records or name not in self.splits:
                 continue

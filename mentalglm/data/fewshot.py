@@ -1,4 +1,5 @@
-"""k-shot prompts for the zero/few-shot baselines (the paper's "generalized LLM" rows)."""
+"""k-shot prompts for the zero/few-shot baselines (the paper's "generalized LLM" rows), and the task description
+d of the paper's Eq. 1 before a query (`data.task_description`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,21 @@ from mentalglm.errors import ConfigError
 from mentalglm.tasks import Task
 
 SHOT_HEADER = {"zh": "示例{i}：\n{query}\n{answer}\n\n", "en": "Example {i}:\n{query}\n{answer}\n\n"}
+
+
+def describe(task: Task, query: str, start: int, end: int) -> tuple[str, int, int]:
+    """`query` with the task's description (labels and what they mean) before it, and the post span shifted."""
+    prefix = task.description_text() + "\n\n"
+    shift = len(prefix)
+    return prefix + query, start + shift if start >= 0 else -1, end + shift if end >= 0 else -1
+
+
+def add_descriptions(records: list[dict], tasks: Mapping[str, Task]) -> list[dict]:
+    out = []
+    for r in records:
+        query, start, end = describe(tasks[r["task"]], r["query"], r["post_start"], r["post_end"])
+        out.append({**r, "query": query, "post_start": start, "post_end": end})
+    return out
 
 
 def add_shots(records: list[dict], pool: list[dict], k: int, *, seed: int, tasks: Mapping[str, Task]) -> list[dict]:

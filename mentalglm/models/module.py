@@ -356,6 +356,14 @@ class MentalGLMModule(L.LightningModule):
                     self.log(f"{prefix}/{key}/{metric}", float(values[metric]), sync_dist=False)
         if results:
             self.log(f"{prefix}/f1_mean", float(mean_f1(results)), prog_bar=True, sync_dist=False)
+        # MentaLLaMA's selection metric for stage one: callbacks.model_checkpoint.monitor=val/f1_weighted_mean
+        weighted = [v["f1_weighted"] for k, v in results.items() if "f1_weighted" in v and self._weighted(k)]
+        if weighted:
+            self.log(f"{prefix}/f1_weighted_mean", sum(weighted) / len(weighted), sync_dist=False)
+
+    def _weighted(self, key: str) -> bool:
+        task = self.tasks.get(key)
+        return task is not None and "f1_weighted" in task.secondary_metrics
 
     def hyperparameters(self) -> dict:
         """The module's settings as plain data (for reports; never written into checkpoints)."""

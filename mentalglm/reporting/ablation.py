@@ -158,6 +158,11 @@ def ablation_markdown(lines: list[dict], columns: list[tuple[str, str]]) -> str:
         + "\n".join([head, rule, *body])
         + "\n"
     )
+    from mentalglm.reporting.paper import table3_reference
+
+    reference = table3_reference(columns)
+    if reference:
+        text += "\n" + reference
     failures = [
         f"- {ln['model']} / {ln['variant']}, seed {f['seed']} (job {f['job']}): {_one_line(f['reason'])}\n"
         f"  rerun: `{f['rerun']}`"

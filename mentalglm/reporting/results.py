@@ -98,7 +98,7 @@ def results_markdown(
     if secondary:
         columns = [m for m in ("accuracy", "f1_weighted") if any(m in owner[k].secondary_metrics for k in secondary)]
         titles = {"accuracy": "Accuracy", "f1_weighted": "Weighted F1"}
-        lines += ["## Accuracy and weighted F1 (the metrics MentaLLaMA reports)", ""]
+        lines += ["## Accuracy and weighted F1 (MentaLLaMA reports both for IMHI)", ""]
         lines += _table(
             ["Task", *(titles[c] for c in columns), "Parse rate", "n"],
             [
@@ -111,6 +111,21 @@ def results_markdown(
                 for k in secondary
             ],
         ) + [""]
+
+    # An unparsed answer on a negative item lowers no F1 of the positive class: the counts show it.
+    binary = [k for k in keys if k in owner and owner[k].kind == "binary" and metrics[k].get("confusion")]
+    if binary:
+        lines += ["## Confusion counts (binary tasks; rows: gold, columns: predicted)", ""]
+        rows = []
+        for k in binary:
+            labels = metrics[k]["confusion_labels"]
+            for gold, counts in zip(labels, metrics[k]["confusion"]):
+                rows.append([name(k), owner[k].label_display_name(gold), *map(str, counts)])
+        width = len(metrics[binary[0]]["confusion_labels"])
+        header = ["Task", "Gold", *(f"predicted {i + 1}" for i in range(width - 1)), "unparsed"]
+        if len({tuple(metrics[k]["confusion_labels"]) for k in binary}) == 1:
+            header = ["Task", "Gold", *(owner[binary[0]].label_display_name(lab) for lab in labels[:-1]), "unparsed"]
+        lines += _table(header, rows, text_columns=2) + [""]
 
     aspect_keys = [k for k in keys if metrics[k].get("per_aspect")]
     if aspect_keys:

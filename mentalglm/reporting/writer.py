@@ -36,6 +36,7 @@ PREDICTION_FIELDS = (
     "gold_labels",
     "pred_labels",
     "parsed",
+    "parser",
     "scores",
     "likelihood_labels",
     "calibrated_scores",
@@ -190,6 +191,7 @@ def score_predictions_file(
     plots: bool = False,
     on_duplicate: str = "error",
     title: str | None = None,
+    parser_mode: str | None = None,
 ) -> dict:
     """Score a predictions JSONL file (rows may name any of `tasks`, default the built-in tasks): metrics.json,
     scored.jsonl (every row with its parse) and results.md, in the order the file names its tasks."""
@@ -205,7 +207,7 @@ def score_predictions_file(
     if not checked:
         raise PredictionsError(f"{path}: no predictions in the file (nothing to score)")
     used = in_order_of_rows(checked, registry)
-    rows, results = score(checked, used)
+    rows, results = score(checked, used, parser_mode)
     return write_evaluation(
         rows,
         results,

@@ -7,6 +7,7 @@ objects afterwards.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,8 @@ from mentalglm.config import (
 )
 from mentalglm.errors import ConfigError
 from mentalglm.tasks import Task, resolve_tasks
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # torch and Lightning load only where a model is built: build_data.py needs neither
     import lightning as L
@@ -72,14 +75,43 @@ def stage_names(entry) -> list[str]:
     return [str(stage)] if isinstance(stage, (str, int)) else [str(s) for s in stage]
 
 
+def trainable(entry) -> bool:
+    """A training file, or splits pooled into train and val."""
+    return bool(entry.get("train") or entry.get("pool"))
+
+
+def pooled_test(entry) -> bool:
+    return "test" in (entry.get("pool") or [])
+
+
+_LEFT_OUT: set[tuple[str, str]] = set()
+
+
 def stage_tasks(cfg: DictConfig, selected: list[str], stage: str) -> list[str]:
-    """The selected tasks a stage trains on (their data entry names the stage)."""
-    return [t for t in selected if stage in stage_names(cfg.data.tasks[t])]
+    """The selected tasks a stage trains on: their data entry names the stage and has training data (IMHI
+    tasks MentaLLaMA released only as test sets have none until data.pool pools them)."""
+    named = [t for t in selected if stage in stage_names(cfg.data.tasks[t])]
+    left_out = [t for t in named if not trainable(cfg.data.tasks[t]) and (stage, t) not in _LEFT_OUT]
+    if left_out:
+        _LEFT_OUT.update((stage, t) for t in left_out)
+        log.info(
+            "stage %s leaves out %s: no training file (released only as test sets); data.pool=[train,val,test] "
+            "data.val_fraction=0.1 pools and re-splits them as the paper's Table 1 did",
+            stage,
+            ", ".join(left_out),
+        )
+    return [t for t in named if trainable(cfg.data.tasks[t])]
 
 
 def test_tasks(cfg: DictConfig, selected: list[str]) -> list[str]:
-    """The selected tasks with a test file: what a run is tested on after its last stage."""
-    return [t for t in selected if cfg.data.tasks[t].get("test")]
+    """The selected tasks with a test file: what a run is tested on after its last stage (not a test set that
+    data.pool made training data, nor one of a stage task the run cannot train on)."""
+
+    def tested(entry) -> bool:
+        untrained_stage_task = bool(stage_names(entry)) and not trainable(entry)
+        return bool(entry.get("test")) and not pooled_test(entry) and not untrained_stage_task
+
+    return [t for t in selected if tested(cfg.data.tasks[t])]
 
 
 def tasks_with_split(cfg: DictConfig, selected: list[str], split: str) -> list[str]:
@@ -89,6 +121,8 @@ def tasks_with_split(cfg: DictConfig, selected: list[str], split: str) -> list[s
         spec = cfg.data.tasks[name]
         if split == "val":
             return bool(spec.get("val") or spec.get("val_size") or spec.get("pool"))
+        if split == "test" and pooled_test(spec):
+            return False  # pooled into train and val
         return bool(spec.get(split))
 
     return [t for t in selected if has(t)]
@@ -155,9 +189,11 @@ def build_datamodule(
     *,
     test_split: str = "test",
     shots: int = 0,
+    describe: bool | None = None,
     skip: Collection[tuple[str, str, str]] = (),
     save_split: bool = True,
 ) -> InstructionDataModule:
+    """`describe`: the task description before each query; None: data.task_description (false when null)."""
     model = cfg.model
     from mentalglm.data.datamodule import InstructionDataModule
 
@@ -174,6 +210,7 @@ def build_datamodule(
         splits=tuple(splits),
         test_split=test_split,
         shots=shots,
+        describe=bool(cfg.data.get("task_description")) if describe is None else describe,
         val_max_pad_fraction=cfg.generation.val_max_pad_fraction,
         skip=skip,
     )

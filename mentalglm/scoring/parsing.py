@@ -1,26 +1,42 @@
 """Read label(s) out of generated answers.
 
 Rules, in order:
-1. NFKC-normalise (full-width punctuation and letters become half-width) and, for case-insensitive tasks
-   (IMHI, English), lower-case.
-2. Keep only the answer part: the text before the first explanation marker (`推理:` / `Reasoning:`);
-   the whole text when there is no marker.
-3. Find every occurrence of every label name and alias, then keep non-overlapping longest matches
-   (CP's `情感` inside `情感效应` is no hit). English terms need word ends (`work` is not in `homework`,
-   `no` is not in `know`).
-4. Single-label tasks: the earliest match wins. Multi-label: every match, deduplicated, in task label
+1. NFKC-normalise (full-width punctuation and letters become half-width), for case-insensitive tasks
+   (IMHI, English) lower-case, for Chinese tasks traditional characters become simplified (讀心術 -> 读心术).
+2. Keep only the answer part: the text before the first explanation marker: the task's own (`推理:` /
+   `Reasoning:`) or any word of its `explanation_markers` with a colon, in bold (`**推理**:`) or as a markdown
+   heading (`### 推理`); the whole text when there is none.
+3. Mask `parser_idioms` (毫无疑问, "no doubt": neither a label nor a negation), then find every occurrence of
+   every label name and alias and keep non-overlapping longest matches (CP's `情感` inside `情感效应` is no hit).
+   English terms need word ends (`work` is not in `homework`, `no` is not in `know`).
+4. A match right after a word of the task's `negations` (at most a few characters or words later, nothing but
+   filler between, same clause: `不是高自杀风险`, `没有读心术`, `no signs of depression`) is not predicted.
+5. Single-label tasks: the earliest match wins; when every match is negated and names one label of a binary
+   task, the other label (`没有高自杀风险` -> 低自杀风险). Multi-label: every match, deduplicated, in task label
    order. Hierarchical (CP): children imply their parent; a bare parent is kept only when none of its
    children was found.
-5. Nothing recognisable -> ParseResult([], parsed=False). Never a default class.
+6. Nothing recognisable -> ParseResult([], parsed=False). Never a default class.
+
+`mode="free"` (zero/few-shot answers, free-form prediction files) reads, in turn: the text after the last
+conclusion marker (`**结论**：低自杀风险`, `In conclusion, ...`), the answer part of rule 2, then the whole text,
+where a single-label task takes the last match (reasoning-first answers end with their verdict) and a
+multi-label task every match that is not negated.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 import unicodedata
 from dataclasses import dataclass
+from functools import lru_cache
 
-from mentalglm.tasks import SINGLE_LABEL_KINDS, Task
+from mentalglm.tasks import PARSER_FIELDS, SINGLE_LABEL_KINDS, Task
+
+MODES = ("strict", "free")
+# Characters that end a clause: a negation never reaches past one.
+CLAUSE_RE = re.compile("[，。；！？、,;.!?:\n]")
+NEGATION_GAP = {"zh": 4, "en": 4}  # characters (zh) or words (en) allowed between a negation and the label
 
 
 @dataclass(frozen=True)
@@ -33,16 +49,27 @@ class ParseResult:
 class _Vocab:
     pattern: re.Pattern  # alternation of every surface form, longest first
     targets: dict[str, str]  # normalised surface form -> canonical label
-    marker: re.Pattern | None
-    raw_marker: re.Pattern | None  # the marker in un-normalised text, to normalise only what comes before it
-    marker_word: str
-    marker_tails: tuple[str, ...]  # label terms that end with the marker word ("情绪化推理")
+    markers: tuple[re.Pattern, ...]  # explanation markers (colon form, heading form); group "w" is the word
+    marker_tails: tuple[str, ...]  # label terms that end with a marker word ("情绪化推理")
+    tail_window: int  # characters of raw text that hold the longest of them
+    conclusions: tuple[re.Pattern, ...]
+    negation: re.Pattern | None
+    idioms: re.Pattern | None
     none_word: re.Pattern | None
     order: dict[str, int]
 
 
+@lru_cache(maxsize=1)
+def _t2s():
+    import opencc
+
+    return opencc.OpenCC("t2s")
+
+
 def normalize(task: Task, text: str) -> str:
     text = unicodedata.normalize("NFKC", text)
+    if task.language == "zh":
+        text = _t2s().convert(text)
     return text if task.case_sensitive else text.lower()
 
 
@@ -110,15 +137,54 @@ def _cache_key(task: Task) -> tuple:
         task.child_sep,
         repr(sorted(task.aliases.items())),
         repr(list(task.parents.items())),
+        task.language,
+        tuple(task.parser_words(f) for f in PARSER_FIELDS),
     )
 
 
+_BY_TASK: dict[int, tuple[Task, _Vocab]] = {}
+
+
 def _vocab(task: Task) -> _Vocab:
+    hit = _BY_TASK.get(id(task))
+    if hit is not None and hit[0] is task:  # the same (immutable) task object: skip building the key
+        return hit[1]
     key = _cache_key(task)
     vocab = _VOCABS.get(key)
     if vocab is None:
         vocab = _VOCABS[key] = _build_vocab(task)
+    if len(_BY_TASK) > 1024:
+        _BY_TASK.clear()
+    _BY_TASK[id(task)] = (task, vocab)
     return vocab
+
+
+def _words_regex(task: Task, words) -> str:
+    """An alternation of normalised words, longest first; ASCII words only at word ends."""
+    forms = sorted({_norm_term(task, w) for w in words if w.strip()}, key=lambda w: (-len(w), w))
+    parts = []
+    for w in forms:
+        body = r"\s+".join(re.escape(x) for x in w.split(" "))
+        if _is_word_char(w[0]):
+            body = r"(?<![0-9A-Za-z])" + body
+        if _is_word_char(w[-1]):
+            body += r"(?![0-9A-Za-z])"
+        parts.append(body)
+    return "|".join(parts)
+
+
+def _section_patterns(task: Task, words, separators: str) -> tuple[re.Pattern, ...]:
+    """A section word with a separator (`推理:`, `**推理**:`, `**Reasoning:**`) and as a markdown heading or a
+    bold line of its own (`### 推理`). Both match raw and normalised text (full-width colons and stars too)."""
+    alternation = _words_regex(task, words)
+    if not alternation:
+        return ()
+    flags = 0 if task.case_sensitive else re.IGNORECASE
+    bold = r"(?:\*\*|__|＊＊)"
+    sep = f"[{separators}]"
+    inline = rf"{bold}?(?P<w>{alternation}){bold}?[ \t]*{sep}|{bold}(?P<w2>{alternation})[ \t]*{sep}[ \t]*{bold}"
+    own_line = rf"(?:^|\n)[ \t]*(?:#{{1,6}}[ \t]*{bold}?|{bold})(?P<w>{alternation}){bold}?[ \t]*(?=\n|$)(?P<w2>)"
+    return re.compile(inline, flags), re.compile(own_line, flags)
 
 
 def _build_vocab(task: Task) -> _Vocab:
@@ -126,19 +192,50 @@ def _build_vocab(task: Task) -> _Vocab:
     terms = sorted(targets, key=lambda t: (-len(t), t))
     pattern = re.compile("|".join(_term_regex(t) for t in terms))
 
-    marker_word = _norm_term(task, task.explanation_marker.strip()).rstrip(":").strip()
-    marker = re.compile(re.escape(marker_word) + r"\s*:") if marker_word else None
-    raw_word = task.explanation_marker.strip().rstrip(":：").strip()
-    flags = 0 if task.case_sensitive else re.IGNORECASE
-    raw_marker = re.compile(re.escape(raw_word) + r"\s*[:：]", flags) if raw_word else None
-    tails = tuple(t for t in terms if marker_word and t.endswith(marker_word) and t != marker_word)
+    own = task.explanation_marker.strip().rstrip(":：").strip()
+    marker_words = [w for w in (own, *task.parser_words("explanation_markers")) if w]
+    markers = _section_patterns(task, marker_words, ":：")
+    normalised = [_norm_term(task, w) for w in marker_words]
+    tails = tuple(t for t in terms if any(t.endswith(w) and t != w for w in normalised))
+    conclusions = _section_patterns(task, task.parser_words("conclusion_markers"), ":：,，")
+    negation = _words_regex(task, task.parser_words("negations"))
+    idioms = _words_regex(task, task.parser_words("parser_idioms"))
 
     none_word = None
     if task.none_word and task.kind not in SINGLE_LABEL_KINDS:
         word = _norm_term(task, task.none_word)
         # "无" only as a whole token: "认知歪曲：无。" is parsed-empty, "无法判断" is not.
         none_word = re.compile(r"(?<!\w)" + re.escape(word) + r"(?!\w)")
-    return _Vocab(pattern, targets, marker, raw_marker, marker_word, tails, none_word, task.label_order)
+    return _Vocab(
+        pattern,
+        targets,
+        markers,
+        tails,
+        2 * max(map(len, tails), default=0),
+        conclusions,
+        re.compile(negation) if negation else None,
+        re.compile(idioms) if idioms else None,
+        none_word,
+        task.label_order,
+    )
+
+
+def _sections(task: Task, vocab: _Vocab, patterns: tuple[re.Pattern, ...], text: str, first: bool = False):
+    """(start, end) of the section words in `text`, by position (`first`: only the earliest); a label ending like
+    a marker word followed by a colon ("情绪化推理：") is no marker."""
+    found, limit = [], len(text)
+    for pat in patterns:
+        for m in pat.finditer(text, 0, limit):
+            word_end = m.end("w") if m.group("w") is not None else m.end("w2")
+            # a window as long as the longest such label is enough (normalising never lengthens text)
+            head = normalize(task, text[max(0, word_end - vocab.tail_window) : word_end])
+            if any(head.endswith(t) for t in vocab.marker_tails):
+                continue
+            found.append((m.start(), m.end()))
+            if first:
+                limit = m.start()  # the next pattern only needs to look before it
+                break
+    return sorted(found)[:1] if first else sorted(found)
 
 
 def answer_part(task: Task, text: str) -> str:
@@ -149,43 +246,32 @@ def answer_part(task: Task, text: str) -> str:
 def explanation_part(task: Task, text: str) -> str:
     """The explanation: the text after the first explanation marker, as written ("" when there is none)."""
     vocab = _vocab(task)
-    if vocab.raw_marker is None or not text:
+    if not text:
         return ""
-    word = len(task.explanation_marker.strip().rstrip(":：").strip())
-    for m in vocab.raw_marker.finditer(text):
-        before = normalize(task, text[: m.start() + word])
-        if any(before.endswith(t) for t in vocab.marker_tails):
-            continue  # "情绪化推理：" is a label followed by a colon, not the marker
-        return text[m.end() :].strip()
-    return ""
+    found = _sections(task, vocab, vocab.markers, text, first=True)
+    return text[found[0][1] :].strip() if found else ""
 
 
 def _normalized_answer(task: Task, vocab: _Vocab, text: str) -> str:
-    # NFKC over a long explanation costs far more than the parse: normalise only up to the first
-    # plain-looking marker when there is one. Whole-text normalisation remains the fallback, so a
-    # full-width marker, or a label ending like the marker ("情绪化推理："), gives the same answer.
-    m = vocab.raw_marker.search(text) if vocab.raw_marker is not None else None
-    if m is not None:
-        head = normalize(task, text[: m.end()])
-        answer = _answer_part(vocab, head)
+    # Normalising a long explanation costs far more than the parse: normalise only up to the first
+    # marker found in the raw text when there is one. Whole-text normalisation remains the fallback, so a
+    # marker that only normalisation reveals gives the same answer.
+    found = _sections(task, vocab, vocab.markers, text, first=True)
+    if found:
+        head = normalize(task, text[: found[0][1]])
+        answer = _answer_part(task, vocab, head)
         if len(answer) < len(head):
             return answer
-    return _answer_part(vocab, normalize(task, text))
+    return _answer_part(task, vocab, normalize(task, text))
 
 
-def _answer_part(vocab: _Vocab, text: str) -> str:
-    if vocab.marker is None:
-        return text
-    for m in vocab.marker.finditer(text):
-        # "情绪化推理:" is a label followed by a colon, not the marker.
-        if any(text.endswith(t, 0, m.start() + len(vocab.marker_word)) for t in vocab.marker_tails):
-            continue
-        return text[: m.start()]
-    return text
+def _answer_part(task: Task, vocab: _Vocab, text: str) -> str:
+    found = _sections(task, vocab, vocab.markers, text, first=True)
+    return text[: found[0][0]] if found else text
 
 
-def _find(vocab: _Vocab, text: str) -> list[str]:
-    """Canonical labels of the non-overlapping longest matches, by position."""
+def _find(vocab: _Vocab, text: str) -> list[tuple[str, int, int]]:
+    """(canonical label, start, end) of the non-overlapping longest matches, by position."""
     candidates = []  # (start, end)
     pos = 0
     while (m := vocab.pattern.search(text, pos)) is not None:
@@ -201,24 +287,78 @@ def _find(vocab: _Vocab, text: str) -> list[str]:
             taken[start:end] = b"\x01" * (end - start)
             chosen.append((start, end))
     chosen.sort()
-    return [vocab.targets[" ".join(text[s:e].split())] for s, e in chosen]
+    return [(vocab.targets[" ".join(text[s:e].split())], s, e) for s, e in chosen]
 
 
-def parse_labels(task: Task, text: str) -> ParseResult:
-    vocab = _vocab(task)
-    answer = _normalized_answer(task, vocab, text or "")
-    found = _find(vocab, answer)
-    if not found:
-        if vocab.none_word is not None and vocab.none_word.search(answer):
+def _negated(task: Task, vocab: _Vocab, text: str, start: int, previous_end: int, clause_ends: list[int]) -> bool:
+    """Whether a negation word stands shortly before `start`, after the previous match and in the same clause."""
+    if vocab.negation is None:
+        return False
+    i = bisect.bisect_left(clause_ends, start)
+    lo = max(previous_end, clause_ends[i - 1] + 1 if i else 0)
+    last = None
+    for m in vocab.negation.finditer(text, lo, start):
+        last = m
+    if last is None:
+        return False
+    gap = text[last.end() : start]
+    size = len(gap.split()) if task.language == "en" else len("".join(gap.split()))
+    return size <= NEGATION_GAP[task.language]
+
+
+def _mask_idioms(vocab: _Vocab, text: str) -> str:
+    if vocab.idioms is None or vocab.idioms.search(text) is None:
+        return text
+    return vocab.idioms.sub(lambda m: " " * len(m.group()), text)
+
+
+def _read(task: Task, vocab: _Vocab, text: str, *, last: bool = False) -> ParseResult:
+    text = _mask_idioms(vocab, text)
+    kept, negated, previous_end = [], [], 0
+    hits = _find(vocab, text)
+    clause_ends = [m.start() for m in CLAUSE_RE.finditer(text)] if hits and vocab.negation is not None else []
+    was_negated = False
+    for label, start, end in hits:
+        # "不是认知歪曲-放大": a leaf written parent, separator, child is negated as one
+        joined = was_negated and not text[previous_end:start].strip(" -#:/|>")
+        was_negated = joined or _negated(task, vocab, text, start, previous_end, clause_ends)
+        (negated if was_negated else kept).append(label)
+        previous_end = end
+    if not kept:
+        if task.kind == "binary" and len(set(negated)) == 1:
+            return ParseResult([next(lab for lab in task.labels if lab != negated[0])], True)
+        if vocab.none_word is not None and vocab.none_word.search(text):
             return ParseResult([], True)
         return ParseResult([], False)
     if task.kind in SINGLE_LABEL_KINDS:
-        return ParseResult([found[0]], True)
-    labels = set(found)
+        return ParseResult([kept[-1] if last else kept[0]], True)
+    labels = set(kept)
     if task.kind == "hierarchical":
         splits = _cp_splits(task)
         labels -= {splits[leaf][0] for leaf in labels if splits[leaf][1] is not None}
     return ParseResult(sorted(labels, key=vocab.order.__getitem__), True)
+
+
+def parse_labels(task: Task, text: str, mode: str = "strict") -> ParseResult:
+    """The labels an answer states. `mode`: strict (the label sentence first, as the project's answers are
+    written) or free (zero/few-shot and other free-form answers); see the module docstring."""
+    if mode not in MODES:
+        raise ValueError(f"parser mode {mode!r} is not one of {', '.join(MODES)}")
+    vocab = _vocab(task)
+    text = text or ""
+    if mode == "strict":
+        return _read(task, vocab, _normalized_answer(task, vocab, text))
+    full = normalize(task, text)
+    conclusions = _sections(task, vocab, vocab.conclusions, full)
+    if conclusions:
+        verdict = _answer_part(task, vocab, full[conclusions[-1][1] :])
+        result = _read(task, vocab, verdict)
+        if result.parsed:
+            return result
+    result = _read(task, vocab, _answer_part(task, vocab, full))
+    if result.parsed:
+        return result
+    return _read(task, vocab, full, last=True)
 
 
 _CP_SPLITS: dict[tuple, dict[str, tuple[str, str | None]]] = {}

@@ -7,6 +7,7 @@ A row to score holds:
     output       the generated text
     gold_labels  the gold label list
     aspect       optional, the aspect an aspect task asks about
+    parser       optional, strict | free: how to read `output` (a free-form answer: free)
 Other fields (id, index, query, ...) are carried through. Rows of a predictions file give the gold as
 `labels` (a list) or `reference` (the gold answer text, parsed with the same parser); `read_predictions`
 turns them into rows to score.
@@ -20,20 +21,24 @@ from pathlib import Path
 
 from mentalglm.errors import PredictionsError
 from mentalglm.scoring.metrics import TaskMetrics
-from mentalglm.scoring.parsing import parse_labels
+from mentalglm.scoring.parsing import MODES, parse_labels
 from mentalglm.tasks import SINGLE_LABEL_KINDS, TASKS, Task
 
 __all__ = ["PredictionsError", "score", "score_records", "read_predictions", "prediction_row", "in_order_of_rows"]
 
 
-def score(rows: Iterable[dict], tasks: Mapping[str, Task]) -> tuple[list[dict], dict[str, dict]]:
-    """(rows with `pred_labels` and `parsed` added, {metric key: metrics} in the order of `tasks`)."""
+def score(
+    rows: Iterable[dict], tasks: Mapping[str, Task], parser_mode: str | None = None
+) -> tuple[list[dict], dict[str, dict]]:
+    """(rows with `pred_labels`, `parsed` and `parser` added, {metric key: metrics} in the order of `tasks`).
+    `parser_mode` (strict | free) reads every row; None: a row's own `parser` field, else strict."""
     scored: list[dict] = []
     batches: dict[str, dict[str, list]] = {}
     for row in rows:
         task = tasks[row["task"]]
-        pred = parse_labels(task, row["output"])
-        scored.append({**row, "pred_labels": pred.labels, "parsed": pred.parsed})
+        mode = parser_mode or row.get("parser") or "strict"
+        pred = parse_labels(task, row["output"], mode)
+        scored.append({**row, "pred_labels": pred.labels, "parsed": pred.parsed, "parser": mode})
         batch = batches.setdefault(task.name, {"pred": [], "gold": [], "parsed": [], "aspect": []})
         batch["pred"].append(pred.labels)
         batch["gold"].append(list(row["gold_labels"]))
@@ -84,6 +89,9 @@ def prediction_row(row, where: str, tasks: Mapping[str, Task]) -> dict:
     aspect = row.get("aspect") or ""
     if aspect and aspect not in task.aspects:
         raise PredictionsError(f"{where}: field 'aspect': {aspect!r} is not an aspect of task {task.name}")
+    parser = row.get("parser")
+    if parser is not None and parser not in MODES:
+        raise PredictionsError(f"{where}: field 'parser': {parser!r} is not one of {', '.join(MODES)}")
     return {**row, "gold_labels": gold, "aspect": aspect}
 
 

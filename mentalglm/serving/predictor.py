@@ -168,6 +168,10 @@ class Predictor:
         if aspect and not task.aspects:
             raise InputError(f"task {task.name} has no aspects")
         query, start, end = task.format_query(text.strip(), aspect)
+        if self.data.task_description:  # as the adapter was trained (data.task_description=true)
+            from mentalglm.data.fewshot import describe
+
+            query, start, end = describe(task, query, start, end)
         record = {"id": "input", "query": query, "post_start": start, "post_end": end}
         limit = self.data.max_length
         if not truncate:
