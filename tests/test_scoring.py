@@ -202,3 +202,15 @@ def test_a_row_with_an_unknown_parser_is_an_error_naming_the_line(tmp_path):
     path.write_text("\n" + json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
     with pytest.raises(PredictionsError, match=r"p\.jsonl:2: field 'parser': 'loose' is not one of strict, free"):
         score_predictions_file(path, tmp_path / "out")
+
+
+def test_chart_labels_are_names_a_reader_can_read(monkeypatch):
+    from mentalglm.reporting import results
+    from mentalglm.tasks import TASKS
+
+    labels = list(TASKS["socialcd_3k"].labels)
+    monkeypatch.setattr(results, "cjk_font", lambda: None)  # no CJK font: the paper's English names
+    names, font = results._tick_labels(labels, TASKS["socialcd_3k"])
+    assert names[:2] == ["all-or-nothing", "overgeneralization"] and font == {} and all(n.isascii() for n in names)
+    monkeypatch.setattr(results, "cjk_font", lambda: "Noto Sans CJK SC")  # a CJK font: the labels themselves
+    assert results._tick_labels(labels, TASKS["socialcd_3k"]) == (labels, {"fontfamily": "Noto Sans CJK SC"})
