@@ -228,6 +228,9 @@ class EvaluateConfig(RunConfig):
     # strict | free (mentalglm/scoring/parsing.py); null: free for a base model (zero/few-shot), strict with an
     # adapter, and for predictions= each row's `parser` field (strict when absent)
     parser_mode: str | None = None
+    # A classifier directory (train_classifier.py): answers the parser cannot read are labelled from their
+    # explanation; results report rule-only and with-fallback metrics side by side
+    label_fallback: str | None = None
     save_inputs: bool = False  # write each prompt (with the post) into predictions.jsonl
     resume: Any = False  # true: continue the newest interrupted evaluation, keeping its written predictions
     output_dir: str = MISSING
@@ -314,6 +317,23 @@ class TeacherConfig:
 
 
 @dataclass
+class TrainClassifierConfig:
+    """train_classifier.py: a classifier per task (mentalglm/commands/train_classifier.py)."""
+
+    task_name: str = "train_classifier"
+    kind: str = "tfidf"  # tfidf: TF-IDF + logistic regression, no pretrained weights
+    input: str = "explanation"  # explanation (-> label: consistency, label fallback) | post (-> label: a baseline)
+    c: float = 10.0  # inverse regularisation strength of the logistic regression
+    experiment_name: str = "default"
+    seed: int = 42
+    secret_keys: list[str] = field(default_factory=list)
+    paths: Any = MISSING
+    data: DataConfig = MISSING
+    local: Any = None
+    output_dir: str = MISSING
+
+
+@dataclass
 class BuildDataConfig:
     """build_data.py: explanation data from a teacher LLM, its revision, IMHI translation, API-LLM baselines."""
 
@@ -354,6 +374,7 @@ SCHEMAS = {
     "serve_schema": ServeConfig,
     "export_schema": ExportConfig,
     "build_data_schema": BuildDataConfig,
+    "train_classifier_schema": TrainClassifierConfig,
 }
 
 

@@ -32,12 +32,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mentalglm.config import TeacherConfig, as_config, task_entries, to_dict
+from mentalglm.config import TeacherConfig, as_config
 from mentalglm.data.io import DataError, read_text
-from mentalglm.data.splits import SPLITS, build_splits
+from mentalglm.data.splits import SPLITS
 from mentalglm.errors import ConfigError, PredictionsError
 from mentalglm.fileio.atomic import dumps_json, jsonl_text, write_files_atomic
-from mentalglm.runtime.builders import build_tasks, selected_tasks
+from mentalglm.runtime.builders import build_tasks, load_splits, selected_tasks
 from mentalglm.scoring.parsing import explanation_part, parse_labels
 from mentalglm.tasks import TASKS, Task
 from mentalglm.teacher import prompts as P
@@ -110,21 +110,6 @@ def language_prompts(cfg: DictConfig, language: str) -> dict:
         missing = [k for k in needed if not isinstance(chosen, dict) or k not in chosen]
         raise ConfigError(f"prompts.{language}: missing templates {missing}")
     return chosen
-
-
-def load_splits(cfg: DictConfig, tasks: dict[str, Task], names: list[str]) -> dict[str, list[dict]]:
-    entries = task_entries(OmegaConf.to_container(cfg.data, resolve=True))
-    chosen = {n: to_dict(entries[n]) for n in names}
-    for spec in chosen.values():
-        spec.pop("definition", None), spec.pop("stage", None)
-    return build_splits(
-        chosen,
-        seed=cfg.seed,
-        on_error=cfg.data.on_error,
-        templates=OmegaConf.to_container(cfg.data.templates, resolve=True),
-        tasks=tasks,
-        on_leak=cfg.data.on_leak,
-    )
 
 
 def ask_all(client_cfg: TeacherConfig, cache: ResponseCache, jobs: list[Job], desc: str, check) -> dict:

@@ -14,7 +14,7 @@ from mentalglm.errors import ConfigError
 from mentalglm.fileio.partial import PartialPredictions, fingerprint
 from mentalglm.models.loading import load_tokenizer
 from mentalglm.models.module import ROW_FIELDS
-from mentalglm.reporting.writer import score_predictions_file, write_evaluation
+from mentalglm.reporting.writer import score_predictions_file, with_fallback, write_evaluation
 from mentalglm.runtime.builders import (
     build_datamodule,
     build_loggers,
@@ -66,6 +66,7 @@ def evaluate(cfg: DictConfig) -> dict:
             templates=OmegaConf.to_container(cfg.data.templates, resolve=True),
             on_duplicate=cfg.on_duplicate,
             parser_mode=cfg.get("parser_mode"),
+            label_fallback=cfg.get("label_fallback"),
         )
     return evaluate_model(cfg, out_dir, tasks)
 
@@ -136,7 +137,9 @@ def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task]) -> di
             )
         if not trainer.is_global_zero:
             return results  # every rank holds all rows and metrics; rank 0 alone writes them
-        risk = calibrations = None
+        risk = calibrations = fallback = None
+        if cfg.get("label_fallback"):
+            rows, fallback = with_fallback(rows, eval_tasks, cfg.label_fallback)
         if cfg.scores.enabled:
             rows, risk, calibrations = calibrated(cfg, val_rows, rows, eval_tasks)
         title = (
@@ -156,6 +159,7 @@ def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task]) -> di
             risk=risk,
             calibrations=calibrations,
             bins=int(cfg.scores.bins),
+            fallback=fallback,
         )
         progress.finish()
         return metrics

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+from mentalglm.errors import ConfigError
 from mentalglm.fileio.atomic import dumps_json, jsonl_text, write_files_atomic
 from mentalglm.reporting.results import render_plots, results_markdown
 from mentalglm.reporting.risk import risk_markdown, risk_plots
@@ -37,12 +38,15 @@ PREDICTION_FIELDS = (
     "pred_labels",
     "parsed",
     "parser",
+    "labelled_by",
+    "fallback_labels",
+    "explanation_labels",
     "scores",
     "likelihood_labels",
     "calibrated_scores",
 )
 # Keys of metrics.json beside the metric keys (no task may be named so: mentalglm/tasks.py RESERVED_NAMES).
-SUMMARY_KEYS = ("f1_mean", "majority_baseline", "tasks", "templates", "scores", "schema_version")
+SUMMARY_KEYS = ("f1_mean", "majority_baseline", "tasks", "templates", "scores", "fallback", "schema_version")
 # Researchers read the outputs of these models as screening aids; results files say so.
 SCREENING_NOTICE = (
     "Research use: model outputs are screening aids for research, not diagnoses; they do not "
@@ -68,6 +72,7 @@ def metrics_document(
     baseline: dict | None = None,
     templates: Mapping | None = None,
     risk: Mapping[str, dict] | None = None,
+    fallback: Mapping[str, dict] | None = None,
 ) -> dict:
     """metrics.json's content (see the module docstring)."""
     doc: dict = {**results, "f1_mean": mean_f1(results) if results else None}
@@ -79,6 +84,8 @@ def metrics_document(
     doc["templates"] = {k: dict(v) for k, v in (templates or {}).items() if k in used}
     if risk:
         doc["scores"] = dict(risk)
+    if fallback:
+        doc["fallback"] = dict(fallback)
     doc["schema_version"] = SCHEMA_VERSION
     return doc
 
@@ -100,6 +107,7 @@ def write_evaluation(
     risk: Mapping[str, dict] | None = None,
     calibrations: Mapping | None = None,
     bins: int = 15,
+    fallback: Mapping[str, dict] | None = None,
 ) -> dict:
     """Write the files of one evaluation and return metrics.json's content.
 
@@ -111,12 +119,18 @@ def write_evaluation(
     order = {name: i for i, name in enumerate(tasks)}
     ordered = sorted(rows, key=lambda r: (order.get(r["task"], len(order)), r.get("index", 0)))
     keep = (lambda r: {k: r[k] for k in fields if k in r} | _inputs(r)) if fields else dict
-    doc = metrics_document(results, tasks, baseline, templates, risk)
+    doc = metrics_document(results, tasks, baseline, templates, risk, fallback)
     markdown = results_markdown(
         results, tasks, title=title, notice=SCREENING_NOTICE, baseline=doc.get("majority_baseline")
     )
     if risk:
         markdown = markdown.rstrip("\n") + "\n\n" + "\n".join(risk_markdown(risk, tasks))
+    if fallback:
+        from mentalglm.reporting.results import display_names
+        from mentalglm.scoring.fallback import fallback_markdown
+
+        rule = {k: v for k, v in results.items() if k in fallback}
+        markdown = markdown.rstrip("\n") + "\n\n" + "\n".join(fallback_markdown(rule, fallback, display_names(tasks)))
     files: dict[Path, str | bytes] = {
         out_dir / rows_file: jsonl_text(keep(r) for r in ordered),
         out_dir / "metrics.json": dumps_json(doc),
@@ -133,6 +147,17 @@ def write_evaluation(
     _log(doc, list(pngs), ordered, loggers, log_text)
     log.info("wrote %d predictions and metrics to %s (f1_mean %s)", len(ordered), out_dir, doc["f1_mean"])
     return doc
+
+
+def with_fallback(rows: list[dict], tasks: Mapping[str, Task], path: str) -> tuple[list[dict], dict]:
+    """Rows and with-fallback metrics of `label_fallback=path` (mentalglm/scoring/fallback.py)."""
+    from mentalglm.scoring.fallback import label_fallback, load_labelers
+
+    labelers = load_labelers(path, tasks)
+    if not labelers:
+        raise ConfigError(f"label_fallback={path} has a classifier for none of {', '.join(tasks)}")
+    rows, metrics = label_fallback(rows, tasks, labelers)
+    return rows, {**metrics, "classifier": str(path)}
 
 
 def _inputs(row: dict) -> dict:
@@ -158,6 +183,7 @@ def _log(metrics: dict, plots: list[Path], rows: list[dict], loggers, log_text: 
                 }
             )
             run.summary.update(_flat("test/scores", metrics.get("scores") or {}))
+            run.summary.update(_flat("test/fallback", metrics.get("fallback") or {}))
             run.log({f"test/plots/{p.stem}": wandb.Image(str(p)) for p in plots})
             if log_text:
                 # Model outputs and labels only: the prompt (the post) never goes to W&B.
@@ -192,6 +218,7 @@ def score_predictions_file(
     on_duplicate: str = "error",
     title: str | None = None,
     parser_mode: str | None = None,
+    label_fallback: str | None = None,
 ) -> dict:
     """Score a predictions JSONL file (rows may name any of `tasks`, default the built-in tasks): metrics.json,
     scored.jsonl (every row with its parse) and results.md, in the order the file names its tasks."""
@@ -208,11 +235,15 @@ def score_predictions_file(
         raise PredictionsError(f"{path}: no predictions in the file (nothing to score)")
     used = in_order_of_rows(checked, registry)
     rows, results = score(checked, used, parser_mode)
+    fallback = None
+    if label_fallback:
+        rows, fallback = with_fallback(rows, used, label_fallback)
     return write_evaluation(
         rows,
         results,
         Path(out_dir),
         used,
+        fallback=fallback,
         title=title or f"Results: {path.name}",
         fields=None,
         plots=plots,

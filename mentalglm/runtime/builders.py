@@ -128,6 +128,24 @@ def tasks_with_split(cfg: DictConfig, selected: list[str], split: str) -> list[s
     return [t for t in selected if has(t)]
 
 
+def load_splits(cfg: DictConfig, tasks: dict[str, Task], names: list[str]) -> dict[str, list[dict]]:
+    """The records of every split of the tasks in `names`, as training splits them (no tokenizer, no model)."""
+    from mentalglm.data.splits import build_splits
+
+    entries = task_entries(OmegaConf.to_container(cfg.data, resolve=True))
+    chosen = {n: to_dict(entries[n]) for n in names}
+    for spec in chosen.values():
+        spec.pop("definition", None), spec.pop("stage", None)
+    return build_splits(
+        chosen,
+        seed=cfg.seed,
+        on_error=cfg.data.on_error,
+        templates=OmegaConf.to_container(cfg.data.templates, resolve=True),
+        tasks=tasks,
+        on_leak=cfg.data.on_leak,
+    )
+
+
 # ----------------------------------------------------------------------------- data and model
 def resolve_adapter(cfg: DictConfig) -> str | None:
     """adapter=PATH, or run_dir=PATH (the best adapter of the run's last stage), or None (no adapter)."""
