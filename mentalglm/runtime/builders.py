@@ -84,6 +84,12 @@ def pooled_test(entry) -> bool:
     return "test" in (entry.get("pool") or [])
 
 
+def test_only(entry) -> bool:
+    """Only a test file (IMHI tasks MentaLLaMA released as test sets): a stage leaves it out unless pooled. An
+    entry that names a validation split but lost its training file is a mistake, reported by the config check."""
+    return not trainable(entry) and not (entry.get("val") or entry.get("val_size"))
+
+
 _LEFT_OUT: set[tuple[str, str]] = set()
 
 
@@ -91,7 +97,7 @@ def stage_tasks(cfg: DictConfig, selected: list[str], stage: str) -> list[str]:
     """The selected tasks a stage trains on: their data entry names the stage and has training data (IMHI
     tasks MentaLLaMA released only as test sets have none until data.pool pools them)."""
     named = [t for t in selected if stage in stage_names(cfg.data.tasks[t])]
-    left_out = [t for t in named if not trainable(cfg.data.tasks[t]) and (stage, t) not in _LEFT_OUT]
+    left_out = [t for t in named if test_only(cfg.data.tasks[t]) and (stage, t) not in _LEFT_OUT]
     if left_out:
         _LEFT_OUT.update((stage, t) for t in left_out)
         log.info(
@@ -100,7 +106,7 @@ def stage_tasks(cfg: DictConfig, selected: list[str], stage: str) -> list[str]:
             stage,
             ", ".join(left_out),
         )
-    return [t for t in named if trainable(cfg.data.tasks[t])]
+    return [t for t in named if not test_only(cfg.data.tasks[t])]
 
 
 def test_tasks(cfg: DictConfig, selected: list[str]) -> list[str]:
@@ -108,7 +114,7 @@ def test_tasks(cfg: DictConfig, selected: list[str]) -> list[str]:
     data.pool made training data, nor one of a stage task the run cannot train on)."""
 
     def tested(entry) -> bool:
-        untrained_stage_task = bool(stage_names(entry)) and not trainable(entry)
+        untrained_stage_task = bool(stage_names(entry)) and test_only(entry)
         return bool(entry.get("test")) and not pooled_test(entry) and not untrained_stage_task
 
     return [t for t in selected if tested(cfg.data.tasks[t])]
