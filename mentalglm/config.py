@@ -231,6 +231,8 @@ class EvaluateConfig(RunConfig):
     # A classifier directory (train_classifier.py): answers the parser cannot read are labelled from their
     # explanation; results report rule-only and with-fallback metrics side by side
     label_fallback: str | None = None
+    # Tokens of the explanation metrics (BLEU-4, ROUGE): char (CJK characters, Latin words) | jieba | whitespace
+    explanation_tokenizer: str = "char"
     save_inputs: bool = False  # write each prompt (with the post) into predictions.jsonl
     resume: Any = False  # true: continue the newest interrupted evaluation, keeping its written predictions
     output_dir: str = MISSING

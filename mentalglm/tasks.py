@@ -35,7 +35,7 @@ TASK_DIR = Path(__file__).resolve().parents[1] / "conf" / "tasks"
 # Template fields a data config may override per task (data.templates.<task>.<field>).
 # Keys of metrics.json beside the metric keys (mentalglm/reporting/writer.py): no task's metric key may be one.
 RESERVED_NAMES = frozenset(
-    {"f1_mean", "majority_baseline", "tasks", "templates", "scores", "fallback", "schema_version"}
+    {"f1_mean", "majority_baseline", "tasks", "templates", "scores", "fallback", "explanations", "schema_version"}
 )
 TEMPLATE_FIELDS = (
     "query_template",

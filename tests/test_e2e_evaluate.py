@@ -123,3 +123,13 @@ def test_clinical_data_is_a_cp_test_file_alone(run_cli, tmp_path):
     proc = run_cli("evaluate.py", *[e for e in clinical if not e.startswith("data.tasks.cp.test")], check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("error: ") and "data.tasks.cp" in last
+
+
+def test_generated_explanations_are_scored_against_the_gold_ones(run_cli, tmp_path):
+    out = tmp_path / "imhi"
+    run_cli("evaluate.py", *EVAL, "data.select=[dr]", "split=val", f"output_dir={out}")
+    report = json.loads((out / "metrics.json").read_text())["explanations"]["dr"]
+    assert report["n"] == 6 and 0 <= report["rougeL"] <= 1 and report["reference_length"] > 0
+    assert "## Explanations against the reference explanations" in (out / "results.md").read_text()
+    proc = run_cli("evaluate.py", *EVAL, "data.select=[dr]", "explanation_tokenizer=words", check=False)
+    assert proc.returncode == 2 and "explanation_tokenizer='words'" in proc.stderr.strip().splitlines()[-1]

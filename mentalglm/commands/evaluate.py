@@ -28,6 +28,7 @@ from mentalglm.runtime.builders import (
 from mentalglm.runtime.resume import wants_resume
 from mentalglm.scoring.parsing import MODES
 from mentalglm.scoring.score import score
+from mentalglm.scoring.text_metrics import TOKENIZERS, explanation_report
 from mentalglm.tasks import TASKS, Task
 from mentalglm.tracking import finish_loggers
 
@@ -57,6 +58,8 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ConfigError(f"report={cfg.report!r} is unknown; the reports are `ablation` and `paper`")
     if cfg.get("parser_mode") not in (None, *MODES):
         raise ConfigError(f"parser_mode={cfg.parser_mode!r} is not one of {', '.join(MODES)} (or null)")
+    if cfg.explanation_tokenizer not in TOKENIZERS:
+        raise ConfigError(f"explanation_tokenizer={cfg.explanation_tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
     tasks = build_tasks(cfg)
     if cfg.get("predictions"):
         return score_predictions_file(
@@ -67,6 +70,7 @@ def evaluate(cfg: DictConfig) -> dict:
             on_duplicate=cfg.on_duplicate,
             parser_mode=cfg.get("parser_mode"),
             label_fallback=cfg.get("label_fallback"),
+            explanation_tokenizer=cfg.explanation_tokenizer,
         )
     return evaluate_model(cfg, out_dir, tasks)
 
@@ -160,6 +164,9 @@ def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task]) -> di
             calibrations=calibrations,
             bins=int(cfg.scores.bins),
             fallback=fallback,
+            explanations=explanation_report(
+                rows, eval_tasks, cfg.explanation_tokenizer, dm.references.get(cfg.split, {})
+            ),
         )
         progress.finish()
         return metrics

@@ -39,6 +39,7 @@ from mentalglm.runtime.distributed import (
 )
 from mentalglm.runtime.resume import mark_stage_done, stage_done, wants_resume
 from mentalglm.scoring.metrics import mean_f1
+from mentalglm.scoring.text_metrics import explanation_report
 from mentalglm.tasks import Task
 from mentalglm.tracking import finish_loggers, loggable_config
 
@@ -302,6 +303,7 @@ def run_test(
         risk=risk,
         calibrations=calibrations,
         bins=int(cfg.scores.bins),
+        explanations=explanation_report(rows, {n: tasks[n] for n in names}, references=dm.references.get("test", {})),
     )
 
 
@@ -324,6 +326,7 @@ def run_test_vllm(
         {n: tasks[n] for n in names},
         baseline=dm.majority_baseline(gold),
         templates=OmegaConf.to_container(cfg.data.templates, resolve=True),
+        explanations=explanation_report(rows, {n: tasks[n] for n in names}, references=dm.references.get("test", {})),
     )
 
 

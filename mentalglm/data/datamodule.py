@@ -115,6 +115,8 @@ class InstructionDataModule(L.LightningDataModule):
         self.gold: dict[str, list[dict]] = {}
         # Every item of each evaluation split (after limit_eval), skipped ones included: key -> position.
         self.item_index: dict[str, dict[tuple, int]] = {}
+        # The gold answer of every such item (its explanation is the reference of the explanation metrics).
+        self.references: dict[str, dict[tuple, str]] = {}
         self.sampler: LengthGroupedBatchSampler | None = None
         self.train_loader: ResumableDataLoader | None = None
         self._train_state: dict | None = None  # a checkpoint's loader state, applied when the loader is built
@@ -167,6 +169,7 @@ class InstructionDataModule(L.LightningDataModule):
                 if d.limit_eval:
                     records = limit_per_task(records, int(d.limit_eval))
                 self.item_index[name] = {item_key(r): i for i, r in enumerate(records)}
+                self.references[name] = {item_key(r): r["answer"] for r in records}
                 records = [{**r, "index": i} for i, r in enumerate(records) if item_key(r) not in self.skip]
             raw = datasets.Dataset.from_list(records) if records else None
             if raw is None:

@@ -46,7 +46,16 @@ PREDICTION_FIELDS = (
     "calibrated_scores",
 )
 # Keys of metrics.json beside the metric keys (no task may be named so: mentalglm/tasks.py RESERVED_NAMES).
-SUMMARY_KEYS = ("f1_mean", "majority_baseline", "tasks", "templates", "scores", "fallback", "schema_version")
+SUMMARY_KEYS = (
+    "f1_mean",
+    "majority_baseline",
+    "tasks",
+    "templates",
+    "scores",
+    "fallback",
+    "explanations",
+    "schema_version",
+)
 # Researchers read the outputs of these models as screening aids; results files say so.
 SCREENING_NOTICE = (
     "Research use: model outputs are screening aids for research, not diagnoses; they do not "
@@ -73,6 +82,7 @@ def metrics_document(
     templates: Mapping | None = None,
     risk: Mapping[str, dict] | None = None,
     fallback: Mapping[str, dict] | None = None,
+    explanations: Mapping[str, dict] | None = None,
 ) -> dict:
     """metrics.json's content (see the module docstring)."""
     doc: dict = {**results, "f1_mean": mean_f1(results) if results else None}
@@ -86,6 +96,8 @@ def metrics_document(
         doc["scores"] = dict(risk)
     if fallback:
         doc["fallback"] = dict(fallback)
+    if explanations:
+        doc["explanations"] = dict(explanations)
     doc["schema_version"] = SCHEMA_VERSION
     return doc
 
@@ -108,6 +120,7 @@ def write_evaluation(
     calibrations: Mapping | None = None,
     bins: int = 15,
     fallback: Mapping[str, dict] | None = None,
+    explanations: Mapping[str, dict] | None = None,
 ) -> dict:
     """Write the files of one evaluation and return metrics.json's content.
 
@@ -119,7 +132,7 @@ def write_evaluation(
     order = {name: i for i, name in enumerate(tasks)}
     ordered = sorted(rows, key=lambda r: (order.get(r["task"], len(order)), r.get("index", 0)))
     keep = (lambda r: {k: r[k] for k in fields if k in r} | _inputs(r)) if fields else dict
-    doc = metrics_document(results, tasks, baseline, templates, risk, fallback)
+    doc = metrics_document(results, tasks, baseline, templates, risk, fallback, explanations)
     markdown = results_markdown(
         results, tasks, title=title, notice=SCREENING_NOTICE, baseline=doc.get("majority_baseline")
     )
@@ -131,6 +144,11 @@ def write_evaluation(
 
         rule = {k: v for k, v in results.items() if k in fallback}
         markdown = markdown.rstrip("\n") + "\n\n" + "\n".join(fallback_markdown(rule, fallback, display_names(tasks)))
+    if explanations:
+        from mentalglm.reporting.results import display_names
+        from mentalglm.scoring.text_metrics import explanation_markdown
+
+        markdown = markdown.rstrip("\n") + "\n\n" + "\n".join(explanation_markdown(explanations, display_names(tasks)))
     files: dict[Path, str | bytes] = {
         out_dir / rows_file: jsonl_text(keep(r) for r in ordered),
         out_dir / "metrics.json": dumps_json(doc),
@@ -184,6 +202,7 @@ def _log(metrics: dict, plots: list[Path], rows: list[dict], loggers, log_text: 
             )
             run.summary.update(_flat("test/scores", metrics.get("scores") or {}))
             run.summary.update(_flat("test/fallback", metrics.get("fallback") or {}))
+            run.summary.update(_flat("test/explanations", metrics.get("explanations") or {}))
             run.log({f"test/plots/{p.stem}": wandb.Image(str(p)) for p in plots})
             if log_text:
                 # Model outputs and labels only: the prompt (the post) never goes to W&B.
@@ -219,6 +238,7 @@ def score_predictions_file(
     title: str | None = None,
     parser_mode: str | None = None,
     label_fallback: str | None = None,
+    explanation_tokenizer: str = "char",
 ) -> dict:
     """Score a predictions JSONL file (rows may name any of `tasks`, default the built-in tasks): metrics.json,
     scored.jsonl (every row with its parse) and results.md, in the order the file names its tasks."""
@@ -238,12 +258,15 @@ def score_predictions_file(
     fallback = None
     if label_fallback:
         rows, fallback = with_fallback(rows, used, label_fallback)
+    from mentalglm.scoring.text_metrics import explanation_report
+
     return write_evaluation(
         rows,
         results,
         Path(out_dir),
         used,
         fallback=fallback,
+        explanations=explanation_report(rows, used, explanation_tokenizer),
         title=title or f"Results: {path.name}",
         fields=None,
         plots=plots,

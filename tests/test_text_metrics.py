@@ -1,0 +1,79 @@
+"""Explanation text metrics against reference implementations (rouge-score, sacrebleu) on fixed strings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mentalglm.scoring.text_metrics import explanation_metrics, explanation_report, tokens
+from mentalglm.tasks import TASKS
+
+ZH = [
+    ("帖子表达了强烈的绝望感，并提到了具体的计划。", "帖子表达了绝望，提到了具体的自杀计划和时间。"),
+    ("作者把一次失败推广为总是失败。", "作者由一次考试失败推出自己永远不行，属于以偏概全。"),
+    ("没有明显的风险。", "帖子只是在抱怨工作压力，没有自杀意图。"),
+]
+EN = [
+    ("The poster feels hopeless and mentions a plan.", "The poster expresses hopelessness and describes a plan."),
+    ("Work stress and no sleep.", "The poster is stressed by deadlines at work and cannot sleep."),
+]
+
+
+def test_chinese_is_tokenized_by_character_and_a_whitespace_tokenizer_would_score_zero():
+    assert tokens("帖子提到 suicide plan 3 次。", "zh") == ["帖", "子", "提", "到", "suicide", "plan", "3", "次"]
+    pred, ref = ZH[0]
+    assert explanation_metrics([pred], [ref], "zh", "whitespace")["rouge1"] == 0.0  # the pitfall
+    assert explanation_metrics([pred], [ref], "zh")["rouge1"] > 0.5
+
+
+@pytest.mark.parametrize("language, pairs", [("zh", ZH), ("en", EN)])
+def test_rouge_and_bleu_equal_the_reference_implementations(language, pairs):
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU
+
+    preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    ours = explanation_metrics(preds, refs, language)
+    joined = [(" ".join(tokens(p, language)), " ".join(tokens(r, language))) for p, r in pairs]
+
+    class Spaces:  # rouge-score's own tokenizer drops every non-ASCII character: give it the tokens
+        def tokenize(self, text):
+            return text.split()
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=Spaces())
+    scores = [scorer.score(r, p) for p, r in joined]
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert ours[key] == pytest.approx(sum(s[key].fmeasure for s in scores) / len(scores), abs=1e-6), key
+    bleu = BLEU(tokenize="none", smooth_method="none").corpus_score([p for p, _ in joined], [[r for _, r in joined]])
+    assert 100 * ours["bleu4"] == pytest.approx(bleu.score, abs=1e-4)
+    assert ours["n"] == len(pairs) and ours["length"] == sum(len(p.split()) for p, _ in joined) / len(pairs)
+
+
+def test_a_bad_tokenizer_is_named():
+    from mentalglm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="explanation_tokenizer='words' is not one of char, jieba, whitespace"):
+        tokens("x", "zh", "words")
+
+
+def test_predictions_with_reference_explanations_get_the_report(tmp_path):
+    from mentalglm.reporting.writer import score_predictions_file
+
+    task = TASKS["sos_hl_1k"]
+    rows = [
+        {
+            "task": "sos_hl_1k",
+            "id": str(i),
+            "output": task.format_answer(["高自杀风险"], p),
+            "reference": task.format_answer(["高自杀风险"], r),
+        }
+        for i, (p, r) in enumerate(ZH)
+    ]
+    rows.append({"task": "sos_hl_1k", "id": "x", "output": "低自杀风险", "reference": "该帖子的发布者有低自杀风险。"})
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    metrics = score_predictions_file(path, tmp_path / "out")
+    want = explanation_metrics([p for p, _ in ZH], [r for _, r in ZH], "zh")
+    assert metrics["explanations"]["sos_hl_1k"] == pytest.approx(want)  # the label-only reference is not counted
+    assert "## Explanations against the reference explanations" in (tmp_path / "out" / "results.md").read_text()
+    assert explanation_report(rows[:1], TASKS, references={}) == {}  # generated rows: the datamodule's references
