@@ -77,3 +77,14 @@ def test_predictions_with_reference_explanations_get_the_report(tmp_path):
     assert metrics["explanations"]["sos_hl_1k"] == pytest.approx(want)  # the label-only reference is not counted
     assert "## Explanations against the reference explanations" in (tmp_path / "out" / "results.md").read_text()
     assert explanation_report(rows[:1], TASKS, references={}) == {}  # generated rows: the datamodule's references
+
+
+def test_rows_without_ids_are_reported_too():
+    task = TASKS["dr"]
+    rows = [
+        {"task": "dr", "output": task.format_answer(["yes"], p), "reference": task.format_answer(["yes"], r)}
+        for p, r in EN
+    ]
+    assert explanation_report(rows, TASKS)["dr"] == pytest.approx(
+        explanation_metrics([p for p, _ in EN], [r for _, r in EN], "en")
+    )

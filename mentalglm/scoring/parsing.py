@@ -227,7 +227,7 @@ def _sections(task: Task, vocab: _Vocab, patterns: tuple[re.Pattern, ...], text:
     for pat in patterns:
         for m in pat.finditer(text, 0, limit):
             word_end = m.end("w") if m.group("w") is not None else m.end("w2")
-            # a window as long as the longest such label is enough (normalising never lengthens text)
+            # a window twice as long as the longest such label holds it (also after NFKC changes lengths)
             head = normalize(task, text[max(0, word_end - vocab.tail_window) : word_end])
             if any(head.endswith(t) for t in vocab.marker_tails):
                 continue

@@ -77,7 +77,7 @@ def explanation_report(
     pairs: dict[str, tuple[list[str], list[str]]] = {}
     for r in rows:
         task = tasks.get(r["task"])
-        key = (r["task"], str(r["id"]), r.get("aspect") or "")
+        key = (r["task"], str(r.get("id")), r.get("aspect") or "")
         reference = r.get("reference") if references is None else references.get(key)
         if task is None or not isinstance(reference, str):
             continue
