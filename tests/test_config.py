@@ -136,7 +136,7 @@ def test_trainer_progress_bar_off_drops_the_progress_bar_callback(tmp_path):
     [
         ("qwen2_7b_instruct", "Qwen/Qwen2-7B-Instruct", False),
         ("llama3_chinese_8b_instruct", "hfl/llama-3-chinese-8b-instruct-v3", False),
-        ("baichuan2_7b_chat", "baichuan-inc/Baichuan2-7B-Chat", True),  # no native class: its own code, warned
+        ("baichuan2_7b_chat", "baichuan-inc/Baichuan2-7B-Chat", False),  # its own code only when the user says so
     ],
 )
 def test_table_5_baselines_compose_for_evaluate(model, pretrained, remote):
