@@ -46,10 +46,9 @@ from train_throughput import (
     build_tokenizer_and_checkpoint,
     lightning_run,
     load_lora_model,
-    optimizer_and_schedule,
-    plain_step,
     train_loader,
 )
+from train_throughput import plain_run as throughput_plain_run
 
 from mentalglm.runtime.throughput import real_tokens
 
@@ -84,16 +83,9 @@ def timed_sum(values: list[int], warmup: int) -> int:
 # ----------------------------------------------------------------------------- the reference and the project
 def plain_run(args, path: Path, batches: list[dict]) -> dict:
     """A hand-written PyTorch + peft loop over random padded batches, loss from `labels=`."""
-    model = load_lora_model(path, args.seed)
-    model.train()
-    opt, sched, params = optimizer_and_schedule(model, len(batches))
-    losses, start = [], None
-    for i, batch in enumerate(batches):
-        if i == args.warmup:
-            start = time.perf_counter()
-        losses.append(plain_step(model, batch, opt, sched, params, "all"))
+    seconds, losses = throughput_plain_run(args, path, batches, selection="all")
     return {
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "tokens": timed_sum([real_tokens(b) for b in batches], args.warmup),
         "loss": sum(losses) / len(losses),
     }

@@ -292,11 +292,13 @@ def lightning_run(args, tokenizer, path: Path, batches: list[dict], attn: str = 
     return timer.end - timer.start, timer.losses
 
 
-def plain_run(args, path: Path, batches: list[dict]) -> tuple[float, list[float]]:
+def plain_run(args, path: Path, batches: list[dict], selection: str | None = None) -> tuple[float, list[float]]:
+    """The hand-written loop; `selection` None is the loss MentalGLMModule.training_step computes, "all" is
+    `labels=` (every position)."""
     model = load_lora_model(path, args.seed)
     model.train()
     opt, sched, params = optimizer_and_schedule(model, len(batches))
-    selection = logits_selection(model)  # the loss MentalGLMModule.training_step computes
+    selection = selection or logits_selection(model)
     losses, start = [], None
     for i, batch in enumerate(batches):
         if i == args.warmup:

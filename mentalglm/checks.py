@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mentalglm.errors import ConfigError
+from mentalglm.runtime.builders import trainable
 
 FP16 = {"16-mixed", "16", "16-true"}
 BF16 = {"bf16-mixed", "bf16", "bf16-true"}
@@ -28,7 +29,7 @@ def check_train_config(cfg: DictConfig, plans: list, tests: list[str], tasks: di
             )
         for name in plan.tasks:
             spec = cfg.data.tasks[name]
-            if not spec.get("train") and not spec.get("pool"):
+            if not trainable(spec):
                 raise ConfigError(
                     f"task {name!r} (stage {plan.name}) has no data files in data={cfg.data.name}: "
                     f"set data.tasks.{name}.train (and val or val_size)"

@@ -35,12 +35,6 @@ def classifier_text(task: Task, record: dict, source: str) -> str:
     return explanation_part(task, record["answer"]) if source == "explanation" else post_of(record)
 
 
-def run(cfg: DictConfig) -> dict:
-    from mentalglm.cli import run_command
-
-    return run_command(train_classifier, cfg)
-
-
 def train_classifier(cfg: DictConfig) -> dict:
     if cfg.kind not in KINDS:
         raise ConfigError(f"kind={cfg.kind!r} is not one of {', '.join(KINDS)} (the encoder trainer is not built yet)")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mentalglm.errors import ConfigError
 from mentalglm.fileio.atomic import dumps_json, jsonl_text, write_files_atomic
-from mentalglm.reporting.results import render_plots, results_markdown
+from mentalglm.reporting.results import display_names, render_plots, results_markdown
 from mentalglm.reporting.risk import risk_markdown, risk_plots
 from mentalglm.scoring.metrics import mean_f1
 from mentalglm.tasks import Task
@@ -136,19 +136,20 @@ def write_evaluation(
     markdown = results_markdown(
         results, tasks, title=title, notice=SCREENING_NOTICE, baseline=doc.get("majority_baseline")
     )
+    sections = []
     if risk:
-        markdown = markdown.rstrip("\n") + "\n\n" + "\n".join(risk_markdown(risk, tasks))
+        sections.append(risk_markdown(risk, tasks))
     if fallback:
-        from mentalglm.reporting.results import display_names
         from mentalglm.scoring.fallback import fallback_markdown
 
         rule = {k: v for k, v in results.items() if k in fallback}
-        markdown = markdown.rstrip("\n") + "\n\n" + "\n".join(fallback_markdown(rule, fallback, display_names(tasks)))
+        sections.append(fallback_markdown(rule, fallback, display_names(tasks)))
     if explanations:
-        from mentalglm.reporting.results import display_names
         from mentalglm.scoring.text_metrics import explanation_markdown
 
-        markdown = markdown.rstrip("\n") + "\n\n" + "\n".join(explanation_markdown(explanations, display_names(tasks)))
+        sections.append(explanation_markdown(explanations, display_names(tasks)))
+    for lines in sections:
+        markdown = markdown.rstrip("\n") + "\n\n" + "\n".join(lines)
     files: dict[Path, str | bytes] = {
         out_dir / rows_file: jsonl_text(keep(r) for r in ordered),
         out_dir / "metrics.json": dumps_json(doc),
