@@ -319,13 +319,45 @@ class TeacherConfig:
 
 
 @dataclass
+class TinyEncoderConfig:
+    """An offline random BERT built into the cache (mentalglm/models/tiny_bert.py)."""
+
+    vocab_size: int = 3000
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    seed: int = 0
+
+
+@dataclass
+class ClassifierConfig:
+    """conf/classifier: what train_classifier.py fits per task."""
+
+    name: str = MISSING
+    kind: str = "tfidf"  # tfidf: TF-IDF + logistic regression, no weights | encoder: a fine-tuned BERT-family model
+    c: float = 10.0  # tfidf: inverse regularisation strength of the logistic regression
+    # encoder: a hub id or local directory (or `tiny`: an offline random BERT), trained as Appendix C says
+    pretrained: str | None = None
+    tiny: TinyEncoderConfig | None = None
+    trust_remote_code: bool = False
+    max_length: int = 512
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    threshold: float = 0.5  # multi-label and hierarchical tasks: a label is predicted above this probability
+
+
+@dataclass
 class TrainClassifierConfig:
     """train_classifier.py: a classifier per task (mentalglm/commands/train_classifier.py)."""
 
     task_name: str = "train_classifier"
-    kind: str = "tfidf"  # tfidf: TF-IDF + logistic regression, no pretrained weights
     input: str = "explanation"  # explanation (-> label: consistency, label fallback) | post (-> label: a baseline)
-    c: float = 10.0  # inverse regularisation strength of the logistic regression
+    classifier: ClassifierConfig = MISSING
+    examples: dict[str, Any] = field(default_factory=dict)  # task -> expert-example file, scored as split "expert"
+    trainer: Any = None  # encoder: the Lightning Trainer
+    logger: Any = None
     experiment_name: str = "default"
     seed: int = 42
     secret_keys: list[str] = field(default_factory=list)

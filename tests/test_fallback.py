@@ -101,8 +101,11 @@ def test_label_fallback_labels_what_the_parser_cannot_read(run_cli, tmp_path):
     for args, message in (([f"label_fallback={tmp_path / 'nothing'}"], "is not a classifier"),):
         proc = run_cli("evaluate.py", f"predictions={preds}", *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
-    proc = run_cli("train_classifier.py", "data=fixtures", "data.select=[dr]", "kind=bert", check=False)
-    assert proc.returncode == 2 and "kind='bert' is not one of tfidf" in proc.stderr.strip().splitlines()[-1]
+    proc = run_cli("train_classifier.py", "data=fixtures", "data.select=[dr]", "classifier.kind=bert", check=False)
+    assert (
+        proc.returncode == 2
+        and "classifier.kind='bert' is not one of tfidf, encoder" in proc.stderr.strip().splitlines()[-1]
+    )
 
 
 def test_consistency_is_the_share_of_answers_whose_explanation_supports_their_label():
@@ -124,3 +127,18 @@ def test_consistency_is_the_share_of_answers_whose_explanation_supports_their_la
     assert by_id["c"]["labelled_by"] == "classifier" and by_id["c"]["fallback_labels"] == ["no"]
     assert metrics["dr"]["consistency"] == 0.5 and metrics["dr"]["consistency_n"] == 2
     assert metrics["dr"]["fallback_rate"] == pytest.approx(1 / 3) and metrics["dr"]["parse_rate"] == 1.0
+
+
+@pytest.mark.real_data
+def test_table_s1_on_the_real_imhi_expert_examples(run_cli, tmp_path):
+    """The consistency classifier scored on MentaLLaMA's expert-written explanations (Table S1's second column)."""
+    from mentalglm.data.paths import shared_data_dir
+
+    if shared_data_dir() is None:
+        pytest.skip("needs ../shared/data")
+    out = tmp_path / "clf"
+    run_cli("train_classifier.py", "data=shared", "data.select=[dr,sad]", "expert_examples=imhi", f"output_dir={out}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {metrics["expert"][t]["n"] for t in ("dr", "sad")} == {35}
+    assert all(metrics["val"][t]["f1"] > 0.9 for t in ("dr", "sad"))
+    assert "| DR |" in (out / "results.md").read_text().split("Table S1")[1]

@@ -3,6 +3,7 @@
 `TfidfLabeler`: TF-IDF (character 1-3-grams for Chinese, word 1-2-grams for English) + logistic regression
 (scikit-learn), one model per task; multi-label and hierarchical tasks get one binary model per label. It is
 saved as JSON (vocabulary, idf, weights: no pickle, so loading a file runs no code) and predicts with numpy.
+classifier.json holds either kind: an encoder's entry names its safetensors directory (mentalglm/scoring/encoder.py).
 
 `label_fallback`: an answer the rule parser cannot read is labelled by the classifier from its explanation
 (the text after the explanation marker, else all of it). The rule-only metrics stay what they are; the
@@ -113,19 +114,29 @@ class TfidfLabeler:
         }
 
 
-def labelers_json(labelers: Mapping[str, TfidfLabeler], meta: Mapping | None = None) -> str:
-    """classifier.json: the classifiers as data (loading it runs no code)."""
-    doc = {
-        "format": FORMAT,
-        "version": VERSION,
-        **dict(meta or {}),
-        "tasks": {n: m.to_dict() for n, m in labelers.items()},
+ENCODERS_DIR = "encoders"
+
+
+def encoder_dir(name: str) -> str:
+    """Where an encoder classifier's weights lie, relative to its classifier.json."""
+    return f"{ENCODERS_DIR}/{name}"
+
+
+def labelers_json(labelers: Mapping, meta: Mapping | None = None) -> str:
+    """classifier.json: the classifiers as data (loading it runs no code): TF-IDF weights inline, an encoder's
+    directory of safetensors beside the file."""
+    from mentalglm.scoring.encoder import EncoderLabeler
+
+    tasks = {
+        n: m.to_dict(encoder_dir(n)) if isinstance(m, EncoderLabeler) else m.to_dict() for n, m in labelers.items()
     }
+    doc = {"format": FORMAT, "version": VERSION, **dict(meta or {}), "tasks": tasks}
     return json.dumps(doc, ensure_ascii=False)
 
 
-def load_labelers(path: str | Path, tasks: Mapping[str, Task]) -> dict[str, TfidfLabeler]:
-    """The classifiers of a file train_classifier.py wrote (a file, or a run directory holding classifier.json)."""
+def load_labelers(path: str | Path, tasks: Mapping[str, Task]) -> dict:
+    """The classifiers of a file train_classifier.py wrote (a file, or a run directory holding classifier.json),
+    TF-IDF or encoder, each with `predict(texts) -> label lists`."""
     path = Path(path)
     if path.is_dir():
         path = path / "classifier.json"
@@ -147,15 +158,33 @@ def load_labelers(path: str | Path, tasks: Mapping[str, Task]) -> dict[str, Tfid
         unknown = [c for c in m["classes"] if c not in task.label_order]
         if unknown:
             raise ConfigError(f"label_fallback={path}: its {name} classifier knows labels {unknown} the task has not")
-        out[name] = TfidfLabeler(task, m["vocabulary"], m["idf"], m["classes"], m["coef"], m["intercept"])
+        if m.get("classifier", "tfidf") == "encoder":
+            out[name] = _load_encoder_labeler(path, task, m)
+        else:
+            out[name] = TfidfLabeler(task, m["vocabulary"], m["idf"], m["classes"], m["coef"], m["intercept"])
     return out
+
+
+def _load_encoder_labeler(path: Path, task: Task, m: Mapping):
+    from mentalglm.scoring.encoder import EncoderLabeler, load_encoder
+
+    directory = path.parent / m["encoder"]
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"label_fallback={path}: its {task.name} encoder is missing ({directory})")
+    model, tokenizer = load_encoder(str(directory))
+    if model.config.num_labels != len(m["classes"]):
+        raise ConfigError(
+            f"label_fallback={path}: its {task.name} encoder has {model.config.num_labels} outputs for "
+            f"{len(m['classes'])} labels"
+        )
+    return EncoderLabeler(task, m["classes"], model, tokenizer, m["max_length"], m["threshold"])
 
 
 def fallback_text(task: Task, output: str) -> str:
     return explanation_part(task, output) or output
 
 
-def label_fallback(rows: list[dict], tasks: Mapping[str, Task], labelers: Mapping[str, TfidfLabeler]):
+def label_fallback(rows: list[dict], tasks: Mapping[str, Task], labelers: Mapping):
     """(rows with `labelled_by` and, where the classifier labelled them, `fallback_labels`; {metric key: the
     with-fallback metrics plus `fallback_rate`})."""
     from mentalglm.scoring.metrics import TaskMetrics
