@@ -368,6 +368,36 @@ class TrainClassifierConfig:
 
 
 @dataclass
+class ExpertEvalConfig:
+    """expert_eval.py: sample, blind, rate and aggregate expert ratings (mentalglm/commands/expert_eval.py)."""
+
+    task_name: str = "expert_eval"
+    action: str = "sample"  # sample | rate | aggregate
+    predictions: dict[str, str] = field(default_factory=dict)  # sample: model name -> predictions JSONL
+    split: str = "test"  # sample: the split the predictions answer (its items' posts, its task sizes)
+    size: int = 100  # sample: items, stratified by task in proportion to the split's size
+    per_task: dict[str, int] = field(default_factory=dict)  # sample: task -> items, instead of `size`
+    raters: list[str] = field(default_factory=lambda: ["rater_1", "rater_2"])
+    # dimension -> {description, min, max}, in the sheet's column order
+    rubric: dict[str, Any] = field(default_factory=dict)
+    overall_of: list[str] = field(default_factory=list)  # overall = the mean of these dimensions ([]: none)
+    agreement_level: str = "ordinal"  # Krippendorff's alpha: nominal | ordinal | interval | ratio
+    run_dir: str | None = None  # rate / aggregate: the folder action=sample wrote
+    key: str | None = None  # aggregate: the key file (null: run_dir/key.csv)
+    sheets: list[str] = field(default_factory=list)  # aggregate: filled sheets (empty: run_dir/sheets/*.csv)
+    rater: str | None = None  # rate: whose sheet the page shows
+    host: str = "127.0.0.1"  # rate: the page is for this machine unless the study says otherwise
+    port: int = 8765
+    experiment_name: str = "default"
+    seed: int = 42
+    secret_keys: list[str] = field(default_factory=list)
+    paths: Any = MISSING
+    data: DataConfig = MISSING
+    local: Any = None
+    output_dir: str = MISSING
+
+
+@dataclass
 class BuildDataConfig:
     """build_data.py: explanation data from a teacher LLM, its revision, IMHI translation, API-LLM baselines."""
 
@@ -409,6 +439,7 @@ SCHEMAS = {
     "export_schema": ExportConfig,
     "build_data_schema": BuildDataConfig,
     "train_classifier_schema": TrainClassifierConfig,
+    "expert_eval_schema": ExpertEvalConfig,
 }
 
 

@@ -36,7 +36,7 @@ from mentalglm.config import TeacherConfig, as_config
 from mentalglm.data.io import DataError, read_text
 from mentalglm.data.splits import SPLITS
 from mentalglm.errors import ConfigError, PredictionsError
-from mentalglm.fileio.atomic import dumps_json, jsonl_text, write_files_atomic
+from mentalglm.fileio.atomic import csv_text, dumps_json, jsonl_text, write_files_atomic
 from mentalglm.runtime.builders import build_tasks, load_splits, selected_tasks
 from mentalglm.scoring.parsing import explanation_part, parse_labels
 from mentalglm.tasks import TASKS, Task
@@ -414,16 +414,6 @@ def explain_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def csv_text(fieldnames, rows: list[dict]) -> str:
-    """RFC 4180 CSV: CRLF row ends are what spreadsheets expect, and they make the writer quote a teacher's answer
-    holding a lone CR, which would otherwise end the row for every reader."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fieldnames, lineterminator="\r\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- merge

@@ -7,6 +7,8 @@ group sharing the run directory). A disk that is full or read-only ends in one `
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
@@ -89,6 +91,16 @@ def write_files_atomic(files: Mapping[str | os.PathLike, str | bytes]) -> list[P
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)  # nothing left after a failed rename (renamed ones are gone already)
     return [path for _, path in staged]
+
+
+def csv_text(fieldnames, rows: list[dict]) -> str:
+    """RFC 4180 CSV: CRLF row ends are what spreadsheets expect, and they make the writer quote a teacher's answer
+    holding a lone CR, which would otherwise end the row for every reader."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fieldnames, lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def dumps_json(obj, indent: int | None = 2) -> str:
