@@ -213,6 +213,15 @@ class TrainConfig(RunConfig):
 
 
 @dataclass
+class BertScoreConfig:
+    """BERTScore of the explanations (mentalglm/scoring/text_metrics.py): off while `model` is null."""
+
+    model: str | None = None  # a hub id (e.g. bert-base-chinese) or a local encoder directory
+    num_layers: int | None = None  # the layer whose embeddings are matched (null: bert_score's default)
+    batch_size: int = 32
+
+
+@dataclass
 class EvaluateConfig(RunConfig):
     task_name: str = "evaluate"
     adapter: str | None = None  # a LoRA adapter directory
@@ -233,6 +242,7 @@ class EvaluateConfig(RunConfig):
     label_fallback: str | None = None
     # Tokens of the explanation metrics (BLEU-4, ROUGE): char (CJK characters, Latin words) | jieba | whitespace
     explanation_tokenizer: str = "char"
+    explanation_bertscore: BertScoreConfig = field(default_factory=lambda: BertScoreConfig())
     save_inputs: bool = False  # write each prompt (with the post) into predictions.jsonl
     resume: Any = False  # true: continue the newest interrupted evaluation, keeping its written predictions
     output_dir: str = MISSING

@@ -1,4 +1,4 @@
-"""Explanation text metrics against reference implementations (rouge-score, sacrebleu) on fixed strings."""
+"""Explanation text metrics against reference implementations (rouge-score, sacrebleu) and definitions (BERTScore)."""
 
 from __future__ import annotations
 
@@ -88,3 +88,79 @@ def test_rows_without_ids_are_reported_too():
     assert explanation_report(rows, TASKS)["dr"] == pytest.approx(
         explanation_metrics([p for p, _ in EN], [r for _, r in EN], "en")
     )
+
+
+def _bertscore_by_hand(model_dir, layer: int, pairs) -> tuple[float, float, float]:
+    """BERTScore as its paper and the authors' package define it, written out: cosine similarity of layer-`layer`
+    token embeddings, each token matched greedily to the most similar token of the other text ([CLS] and [SEP]
+    can be matched but carry no weight), precision over the candidate's tokens, recall over the reference's."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+
+    def embed(text):
+        ids = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**ids, output_hidden_states=True).hidden_states[layer][0]
+        return torch.nn.functional.normalize(hidden, dim=-1)
+
+    ps, rs, fs = [], [], []
+    for cand, ref in pairs:
+        c, r = embed(cand), embed(ref)
+        sim = c @ r.T
+        p = sim.max(dim=1).values[1:-1].mean().item()  # the candidate's own tokens, not [CLS] / [SEP]
+        rec = sim.max(dim=0).values[1:-1].mean().item()
+        ps, rs, fs = ps + [p], rs + [rec], fs + [2 * p * rec / (p + rec)]
+    return sum(ps) / len(ps), sum(rs) / len(rs), sum(fs) / len(fs)
+
+
+@pytest.mark.parametrize("pairs", [ZH, EN], ids=["zh", "en"])
+def test_bertscore_equals_its_definition_on_a_tiny_encoder(tmp_path, pairs):
+    from mentalglm.models.tiny_bert import ensure_tiny_bert
+    from mentalglm.scoring.text_metrics import BertScore
+
+    model_dir = str(ensure_tiny_bert(tmp_path, corpus=[t for pair in ZH + EN for t in pair] * 3, hidden_size=32))
+    got = explanation_metrics(
+        [p for p, _ in pairs], [r for _, r in pairs], "zh", bertscore=BertScore(model_dir, num_layers=2)
+    )
+    want = _bertscore_by_hand(model_dir, 2, pairs)
+    assert (got["bertscore_precision"], got["bertscore_recall"], got["bertscore_f1"]) == pytest.approx(want, abs=1e-5)
+
+
+def test_evaluate_reports_bertscore_and_a_bad_encoder_setting_is_one_line(run_cli, tmp_path):
+    from mentalglm.models.tiny_bert import ensure_tiny_bert
+
+    model_dir = ensure_tiny_bert(tmp_path / "enc", corpus=[t for pair in ZH for t in pair] * 3, hidden_size=32)
+    task = TASKS["sos_hl_1k"]
+    rows = [
+        {
+            "task": "sos_hl_1k",
+            "id": str(i),
+            "output": task.format_answer(["高自杀风险"], p),
+            "reference": task.format_answer(["高自杀风险"], r),
+        }
+        for i, (p, r) in enumerate(ZH)
+    ]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = tmp_path / "out"
+    run_cli(
+        "evaluate.py",
+        f"predictions={path}",
+        f"explanation_bertscore.model={model_dir}",
+        "explanation_bertscore.num_layers=2",
+        f"output_dir={out}",
+    )
+    report = json.loads((out / "metrics.json").read_text())["explanations"]["sos_hl_1k"]
+    assert 0 < report["bertscore_f1"] <= 1 and report["n"] == 3
+    assert "BERTScore F1" in (out / "results.md").read_text()
+    for args, message in (
+        ([f"explanation_bertscore.model={model_dir}"], "explanation_bertscore.num_layers is needed"),
+        (
+            [f"explanation_bertscore.model={tmp_path / 'none'}", "explanation_bertscore.num_layers=2"],
+            "could not be loaded",
+        ),
+    ):
+        proc = run_cli("evaluate.py", f"predictions={path}", *args, f"output_dir={tmp_path / 'bad'}", check=False)
+        assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]

@@ -61,6 +61,7 @@ def evaluate(cfg: DictConfig) -> dict:
     if cfg.explanation_tokenizer not in TOKENIZERS:
         raise ConfigError(f"explanation_tokenizer={cfg.explanation_tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
     tasks = build_tasks(cfg)
+    bertscore = build_bertscore(cfg)  # before any generation: a bad encoder setting fails at once
     if cfg.get("predictions"):
         return score_predictions_file(
             cfg.predictions,
@@ -71,8 +72,19 @@ def evaluate(cfg: DictConfig) -> dict:
             parser_mode=cfg.get("parser_mode"),
             label_fallback=cfg.get("label_fallback"),
             explanation_tokenizer=cfg.explanation_tokenizer,
+            bertscore=bertscore,
         )
-    return evaluate_model(cfg, out_dir, tasks)
+    return evaluate_model(cfg, out_dir, tasks, bertscore)
+
+
+def build_bertscore(cfg: DictConfig):
+    """The BERTScore encoder of explanation_bertscore, or None while its model is null."""
+    settings = cfg.explanation_bertscore
+    if not settings.model:
+        return None
+    from mentalglm.scoring.text_metrics import BertScore
+
+    return BertScore(str(settings.model), settings.num_layers, int(settings.batch_size))
 
 
 def scoring_tasks(tasks: dict[str, Task]) -> dict[str, Task]:
@@ -80,7 +92,7 @@ def scoring_tasks(tasks: dict[str, Task]) -> dict[str, Task]:
     return {**tasks, **{n: t for n, t in TASKS.items() if n not in tasks}}
 
 
-def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task]) -> dict:
+def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task], bertscore=None) -> dict:
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split={cfg.split} is not one of test, val")
     names = tasks_with_split(cfg, selected_tasks(cfg, tasks), cfg.split)
@@ -165,7 +177,7 @@ def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task]) -> di
             bins=int(cfg.scores.bins),
             fallback=fallback,
             explanations=explanation_report(
-                rows, eval_tasks, cfg.explanation_tokenizer, dm.references.get(cfg.split, {})
+                rows, eval_tasks, cfg.explanation_tokenizer, dm.references.get(cfg.split, {}), bertscore
             ),
         )
         progress.finish()

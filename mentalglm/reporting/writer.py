@@ -240,6 +240,7 @@ def score_predictions_file(
     parser_mode: str | None = None,
     label_fallback: str | None = None,
     explanation_tokenizer: str = "char",
+    bertscore=None,
 ) -> dict:
     """Score a predictions JSONL file (rows may name any of `tasks`, default the built-in tasks): metrics.json,
     scored.jsonl (every row with its parse) and results.md, in the order the file names its tasks."""
@@ -267,7 +268,7 @@ def score_predictions_file(
         Path(out_dir),
         used,
         fallback=fallback,
-        explanations=explanation_report(rows, used, explanation_tokenizer),
+        explanations=explanation_report(rows, used, explanation_tokenizer, bertscore=bertscore),
         title=title or f"Results: {path.name}",
         fields=None,
         plots=plots,
