@@ -359,7 +359,21 @@ class ClassifierConfig:
 
 
 @dataclass
-class TrainClassifierConfig:
+class DataCommandConfig:
+    """What the entry points that read data but load no LLM hold (train_classifier, expert_eval, build_data)."""
+
+    task_name: str = MISSING
+    experiment_name: str = "default"
+    seed: int = 42
+    secret_keys: list[str] = field(default_factory=list)  # as RunConfig.secret_keys
+    paths: Any = MISSING
+    data: DataConfig = MISSING
+    local: Any = None
+    output_dir: str = MISSING
+
+
+@dataclass
+class TrainClassifierConfig(DataCommandConfig):
     """train_classifier.py: a classifier per task (mentalglm/commands/train_classifier.py)."""
 
     task_name: str = "train_classifier"
@@ -368,17 +382,10 @@ class TrainClassifierConfig:
     examples: dict[str, Any] = field(default_factory=dict)  # task -> expert-example file, scored as split "expert"
     trainer: Any = None  # encoder: the Lightning Trainer
     logger: Any = None
-    experiment_name: str = "default"
-    seed: int = 42
-    secret_keys: list[str] = field(default_factory=list)
-    paths: Any = MISSING
-    data: DataConfig = MISSING
-    local: Any = None
-    output_dir: str = MISSING
 
 
 @dataclass
-class ExpertEvalConfig:
+class ExpertEvalConfig(DataCommandConfig):
     """expert_eval.py: sample, blind, rate and aggregate expert ratings (mentalglm/commands/expert_eval.py)."""
 
     task_name: str = "expert_eval"
@@ -398,13 +405,6 @@ class ExpertEvalConfig:
     rater: str | None = None  # rate: whose sheet the page shows
     host: str = "127.0.0.1"  # rate: the page is for this machine unless the study says otherwise
     port: int = 8765
-    experiment_name: str = "default"
-    seed: int = 42
-    secret_keys: list[str] = field(default_factory=list)
-    paths: Any = MISSING
-    data: DataConfig = MISSING
-    local: Any = None
-    output_dir: str = MISSING
 
 
 @dataclass

@@ -152,3 +152,29 @@ def test_post_baselines_cover_hierarchical_tasks_and_bad_settings_end_in_one_lin
         )
         assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
         assert not (tmp_path / "x" / "classifier.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.real_data
+def test_the_encoder_trains_on_real_imhi_explanations_and_scores_the_expert_examples(run_cli, tmp_path):
+    from mentalglm.data.paths import shared_data_dir
+
+    if shared_data_dir() is None:
+        pytest.skip("needs ../shared/data")
+    out = tmp_path / "clf"
+    run_cli(
+        "train_classifier.py",
+        "data=shared",
+        "data.select=[dreaddit]",
+        "expert_examples=imhi",
+        "classifier=tiny_bert",
+        "classifier.epochs=1",
+        "classifier.max_length=96",
+        "logger=csv",
+        "trainer.enable_progress_bar=false",
+        f"output_dir={out}",
+        timeout=900,
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["val"]["dreaddit"]["n"] == 300 and metrics["expert"]["dreaddit"]["n"] == 35
+    assert "| Dreaddit |" in (out / "results.md").read_text().split("Table S1")[1]

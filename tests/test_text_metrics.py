@@ -164,3 +164,21 @@ def test_evaluate_reports_bertscore_and_a_bad_encoder_setting_is_one_line(run_cl
     ):
         proc = run_cli("evaluate.py", f"predictions={path}", *args, f"output_dir={tmp_path / 'bad'}", check=False)
         assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
+
+
+def test_torchmetrics_bertscore_keeps_special_tokens_out_of_the_match_and_so_scores_lower_recall(tmp_path):
+    """Why the package is bert_score: torchmetrics' BERTScore gives another recall than the published one."""
+    from torchmetrics.text.bert import BERTScore as TorchmetricsBERTScore
+
+    from mentalglm.models.tiny_bert import ensure_tiny_bert
+    from mentalglm.scoring.text_metrics import BertScore
+
+    model_dir = str(ensure_tiny_bert(tmp_path, corpus=[t for pair in ZH + EN for t in pair] * 3, hidden_size=32))
+    cand, ref = ["the poster feels hopeless"], ["the poster feels hopeless and mentions a plan"]
+    ours = BertScore(model_dir, num_layers=2)(cand, ref)
+    theirs = TorchmetricsBERTScore(model_name_or_path=model_dir, num_layers=2)(cand, ref)
+    assert ours["bertscore_precision"] == pytest.approx(float(theirs["precision"]), abs=1e-4)
+    assert float(theirs["recall"]) < ours["bertscore_recall"] - 1e-3
+    assert ours["bertscore_recall"] == pytest.approx(
+        _bertscore_by_hand(model_dir, 2, list(zip(cand, ref)))[1], abs=1e-5
+    )

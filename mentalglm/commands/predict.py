@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mentalglm.data.io import read_text
+from mentalglm.data.io import json_lines, read_text
 from mentalglm.errors import ConfigError, PredictionsError
 from mentalglm.fileio.atomic import write_jsonl_atomic
 from mentalglm.fileio.partial import PartialPredictions, fingerprint
@@ -38,17 +38,10 @@ def read_items(cfg: DictConfig, task_names: list[str]) -> list[dict]:
         raise ConfigError(f"input={path} is not a file")
     text = read_text(path, newlines=False)
     if path.suffix.lower() == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(io.StringIO(text, newline=None).read().split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PredictionsError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
+        rows = list(json_lines(path, text, PredictionsError))
+        for lineno, obj in rows:
             if not isinstance(obj, dict):
                 raise PredictionsError(f"{path}:{lineno}: expected a JSON object")
-            rows.append((lineno, obj))
     elif path.suffix.lower() in (".csv", ".tsv"):
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         if reader.fieldnames is None or cfg.text_field not in reader.fieldnames:

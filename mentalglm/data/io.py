@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -241,3 +242,19 @@ def read_text(path, *, on_error: str = "raise", report: LoadReport | None = None
             raise
         text = _decode_lines(raw, path, report)
     return text.replace("\r\n", "\n") if newlines else text
+
+
+def json_lines(path, text: str, error: type[UserError]) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-blank line of a JSONL text, any line ends; a line that is not JSON raises
+    `error` naming the file, line and column."""
+    import json
+
+    from mentalglm.data.formats import LINE_END
+
+    for lineno, line in enumerate(LINE_END.split(text), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None

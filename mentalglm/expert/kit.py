@@ -116,24 +116,15 @@ def rubric_markdown(dims: Sequence[Dimension], notice: str) -> str:
 def read_answers(path: Path, tasks: Mapping) -> dict[tuple, str]:
     """{(task, id, aspect): output} of a predictions JSONL file (evaluate.py's or predict.py's); errors name the
     file, line and field."""
-    import json
-
-    from mentalglm.data.formats import LINE_END
-    from mentalglm.data.io import DataError, read_text
+    from mentalglm.data.io import DataError, json_lines, read_text
 
     try:
         text = read_text(path, newlines=False)
     except DataError as e:
         raise ConfigError(str(e)) from None
     out: dict[tuple, str] = {}
-    for lineno, line in enumerate(LINE_END.split(text), 1):
-        if not line.strip():
-            continue
+    for lineno, row in json_lines(path, text, ConfigError):
         where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{where}: bad JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
             raise ConfigError(f"{where}: a row is a JSON object")
         if row.get("task") not in tasks:

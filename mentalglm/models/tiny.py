@@ -283,15 +283,24 @@ def ensure_tiny_checkpoint(
     cache_dir = Path(cache_dir)
     texts = list(default_corpus() if corpus is None else corpus)
     target = cache_dir / f"tiny_glm-{_checkpoint_key(sizes, vocab_size, texts)}"
+
+    def build(tmp: Path) -> None:
+        tokenizer = build_tiny_tokenizer(texts, vocab_size=vocab_size)
+        build_tiny_model(tokenizer, **sizes).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return build_once(target, build)
+
+
+def build_once(target: Path, build) -> Path:
+    """`target`, built by `build(tmp)` into a temporary directory renamed into place unless it exists: concurrent
+    processes (pytest-xdist, DDP ranks, sweeps) never load half a checkpoint."""
     if (target / "config.json").is_file():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        tokenizer = build_tiny_tokenizer(texts, vocab_size=vocab_size)
-        model = build_tiny_model(tokenizer, **sizes)
-        tokenizer.save_pretrained(tmp)
-        model.save_pretrained(tmp)
+        build(tmp)
         try:
             os.rename(tmp, target)
         except OSError:

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -49,14 +46,11 @@ def ensure_tiny_bert(
     num_heads: int = 2,
     seed: int = 0,
 ) -> Path:
-    """Build the tiny WordPiece tokenizer + random BERT once into `cache_dir` and return its directory.
-
-    Written to a temporary directory and renamed into place, so concurrent processes never load half of one.
-    """
+    """Build the tiny WordPiece tokenizer + random BERT once into `cache_dir` and return its directory."""
     import torch
     from transformers import BertConfig, BertModel
 
-    from mentalglm.models.tiny import default_corpus
+    from mentalglm.models.tiny import build_once, default_corpus
 
     texts = list(default_corpus() if corpus is None else corpus)
     sizes = {"vocab": vocab_size, "hidden": hidden_size, "layers": num_layers, "heads": num_heads, "seed": seed}
@@ -64,11 +58,8 @@ def ensure_tiny_bert(
     for text in texts:
         h.update(text.encode("utf-8") + b"\0")
     target = Path(cache_dir) / f"tiny_bert-{h.hexdigest()[:12]}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         tokenizer = build_tiny_bert_tokenizer(texts, vocab_size=vocab_size)
         config = BertConfig(
             vocab_size=len(tokenizer),
@@ -82,12 +73,5 @@ def ensure_tiny_bert(
         torch.manual_seed(seed)
         BertModel(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process won the race; its checkpoint is identical
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return build_once(target, build)

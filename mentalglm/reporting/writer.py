@@ -175,6 +175,13 @@ def with_fallback(rows: list[dict], tasks: Mapping[str, Task], path: str) -> tup
     labelers = load_labelers(path, tasks)
     if not labelers:
         raise ConfigError(f"label_fallback={path} has a classifier for none of {', '.join(tasks)}")
+    uncovered = [n for n in tasks if n not in labelers]
+    if uncovered:
+        log.warning(
+            "label_fallback=%s has no classifier for %s: their unreadable answers stay unlabelled",
+            path,
+            ", ".join(uncovered),
+        )
     rows, metrics = label_fallback(rows, tasks, labelers)
     return rows, {**metrics, "classifier": str(path)}
 

@@ -15,7 +15,6 @@ turns them into rows to score.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -127,8 +126,7 @@ def read_predictions(path: str | Path, tasks: Mapping[str, Task], on_duplicate: 
     `on_duplicate="keep_first"` the later rows are left out and counted in the log."""
     import logging
 
-    from mentalglm.data.formats import LINE_END
-    from mentalglm.data.io import DataError, read_text
+    from mentalglm.data.io import DataError, json_lines, read_text
 
     if on_duplicate not in ("error", "keep_first"):
         raise PredictionsError(f"on_duplicate must be error or keep_first, got {on_duplicate!r}")
@@ -139,13 +137,7 @@ def read_predictions(path: str | Path, tasks: Mapping[str, Task], on_duplicate: 
         raise PredictionsError(str(e)) from None
     seen: dict[tuple, int] = {}
     dropped = 0
-    for lineno, line in enumerate(LINE_END.split(text), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PredictionsError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+    for lineno, row in json_lines(path, text, PredictionsError):
         checked = prediction_row(row, f"{path}:{lineno}", tasks)
         if checked.get("id") not in (None, ""):
             key = (checked["task"], str(checked["id"]), checked["aspect"])
