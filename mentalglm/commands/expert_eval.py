@@ -60,6 +60,9 @@ def sample(cfg: DictConfig, dims: list[kit.Dimension]) -> dict:
     tasks = build_tasks(cfg)
     answers = _answers(cfg, tasks)
     answered = set.intersection(*(set(a) for a in answers.values()))
+    partial = len(set.union(*(set(a) for a in answers.values())) - answered)
+    if partial:
+        log.warning("%d items answered by only some of the models are left out of the sample", partial)
     names = [n for n in selected_tasks(cfg, tasks) if any(k[0] == n for k in answered)]
     if not names:
         raise ConfigError("no task of data.select is answered in every predictions file")

@@ -25,6 +25,7 @@ from mentalglm.runtime.builders import build_loggers, build_tasks, load_splits, 
 from mentalglm.scoring.fallback import ENCODERS_DIR, TfidfLabeler, labelers_json
 from mentalglm.scoring.metrics import TaskMetrics, majority_baseline, result_keys
 from mentalglm.tasks import TASKS, Task
+from mentalglm.tracking import finish_loggers
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +71,10 @@ def _encoder_path(cfg: DictConfig) -> str:
     return str(clf.pretrained)
 
 
-def _fit_encoder(cfg: DictConfig, task: Task, train, val, out: Path, pretrained: str):
+def _fit_encoder(cfg: DictConfig, task: Task, train, val, out: Path, pretrained: str, loggers: list):
     from mentalglm.scoring.encoder import fit_encoder
 
     clf = cfg.classifier
-    loggers = build_loggers(cfg, f"{cfg.experiment_name}-{task.name}", out, job_type="classifier")
 
     def trainer(callbacks, epochs):
         return instantiate(
@@ -101,7 +101,23 @@ def _fit_encoder(cfg: DictConfig, task: Task, train, val, out: Path, pretrained:
         seed=int(cfg.seed),
         trust_remote_code=bool(clf.trust_remote_code),
     )
-    return labeler, info, loggers
+    return labeler, info
+
+
+def score_classifier(task: Task, labeler, rows: dict[str, list[dict]], source: str) -> dict[str, dict]:
+    """{split: the project's metrics of the classifier} for the validation, test and expert-example rows."""
+    scored = {}
+    for split in SCORED_SPLITS:
+        items, missing = _items(task, rows[split], source)
+        if missing:
+            log.warning("%s %s: %d items have no %s and are left out", task.name, split, missing, source)
+        if not items:
+            continue
+        metric = TaskMetrics(task, sync_on_compute=False)
+        predicted = labeler.predict([t for t, _, _ in items])
+        metric.update(predicted, [y for _, y, _ in items], [True] * len(items), [a for _, _, a in items])
+        scored[split] = metric.compute()
+    return scored
 
 
 def table_s1_markdown(metrics: dict[str, dict], tasks: dict[str, Task], split: str = "test") -> list[str]:
@@ -146,40 +162,34 @@ def train_classifier(cfg: DictConfig) -> dict:
             log.warning("%s: %d train items have no %s and are left out", name, skipped[name], cfg.input)
         if not train:
             raise ConfigError(f"task {name}: no train item has an {cfg.input} (answers without `推理：`?)")
-        loggers = []
         if kind == "tfidf":
             labeler = TfidfLabeler.fit(
                 task, [t for t, _, _ in train], [y for _, y, _ in train], c=float(cfg.classifier.c)
             )
+            scored = score_classifier(task, labeler, rows, cfg.input)
         else:
-            val, _ = _items(task, rows["val"], cfg.input)
-            labeler, training[name], loggers = _fit_encoder(cfg, task, train, val, out, pretrained)
-        labelers[name] = labeler
-        for split in SCORED_SPLITS:
-            items, missing = _items(task, rows[split], cfg.input)
-            if missing:
-                log.warning("%s %s: %d items have no %s and are left out", name, split, missing, cfg.input)
-            if not items:
-                continue
-            metric = TaskMetrics(task, sync_on_compute=False)
-            predicted = labeler.predict([t for t, _, _ in items])
-            metric.update(predicted, [y for _, y, _ in items], [True] * len(items), [a for _, _, a in items])
-            metrics.setdefault(split, {}).update(metric.compute())
-            if split != "expert":
-                gold = [{"labels": y} for _, y, _ in items]
-                majority = majority_baseline(task, [{"labels": y} for _, y, _ in train], gold)
-                baseline.setdefault(split, {}).update({k: m["f1"] for k, m in majority.items()})
-        for lg in loggers:  # the encoder's run: its final scores beside the per-epoch validation F1
-            lg.log_metrics(
-                {
+            loggers = build_loggers(cfg, f"{cfg.experiment_name}-{name}", out, job_type="classifier")
+            try:
+                val, _ = _items(task, rows["val"], cfg.input)
+                labeler, training[name] = _fit_encoder(cfg, task, train, val, out, pretrained, loggers)
+                scored = score_classifier(task, labeler, rows, cfg.input)
+                final = {
                     f"{s}/{k}/{m}": v[m]
-                    for s in metrics
-                    for k, v in metrics[s].items()
-                    if k in task.metric_keys
+                    for s, r in scored.items()
+                    for k, v in r.items()
                     for m in ("precision", "recall", "f1")
                 }
-            )
-            lg.finalize("success")
+                for lg in loggers:  # the final scores beside the per-epoch validation F1
+                    lg.log_metrics(final)
+            finally:
+                finish_loggers(loggers)
+        labelers[name] = labeler
+        for split, results in scored.items():
+            metrics.setdefault(split, {}).update(results)
+            if split != "expert":
+                gold = [{"labels": y} for _, y, _ in _items(task, rows[split], cfg.input)[0]]
+                majority = majority_baseline(task, [{"labels": y} for _, y, _ in train], gold)
+                baseline.setdefault(split, {}).update({k: m["f1"] for k, m in majority.items()})
     shutil.rmtree(out / ".checkpoints", ignore_errors=True)
     meta = {"kind": kind, "classifier": cfg.classifier.name, "input": cfg.input, "skipped": skipped}
     if kind == "encoder":
