@@ -98,3 +98,27 @@ def test_report_paper_cli(run_cli, scored, tmp_path):
     assert "Δ mine − GPT-4 few-shot" in (out / "paper_table4.md").read_text()
     bad = run_cli("evaluate.py", "report=paper", "table=4", rows.replace("GPT-4", "GPT-5"), check=False)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: rows[0].paper: 'GPT-5")
+
+
+def test_table_s1_reads_a_classifier_run_by_split(tmp_path):
+    """train_classifier.py's metrics.json holds one block per split: the test split by default, `split:` picks."""
+
+    def prf(f1):
+        return {"f1": f1, "precision": f1, "recall": f1}
+
+    doc = {
+        split: {"sos_hl_1k": prf(v), "socialcd_3k": prf(v), "cp_parent": prf(0.9), "cp_child": prf(v)}
+        for split, v in (("test", 0.99), ("expert", 0.9))
+    }
+    (tmp_path / "clf").mkdir()
+    (tmp_path / "clf" / "metrics.json").write_text(json.dumps(doc))
+    rows = [
+        {"name": "test", "path": str(tmp_path / "clf"), "paper": "Chinese MentalBERT (test set)"},
+        {"name": "expert", "path": str(tmp_path / "clf"), "split": "expert"},
+    ]
+    paper_report("S1", rows, tmp_path / "out")
+    table = md_rows((tmp_path / "out" / "paper_tableS1.md").read_text())
+    assert table["**test**"][1:] == ["99.00/99.00/99.00"] * 3 and table["**expert**"][3] == "90.00/90.00/90.00"
+    assert table["Δ test − Chinese MentalBERT (test set)"][3] == "+0.53/-0.81/+1.84"  # CP: the child level
+    with pytest.raises(ConfigError, match=r"rows\[0\].split: .* has no split 'val'"):
+        paper_report("S1", [{"name": "v", "path": str(tmp_path / "clf"), "split": "val"}], tmp_path / "bad")

@@ -37,6 +37,9 @@ def _cell(value) -> tuple[float | None, ...]:
     return (float(value), None, None)
 
 
+CLASSIFIER_SPLITS = ("val", "test", "expert")  # train_classifier.py's metrics.json: {split: {task key: ...}}
+
+
 def _metrics_of(path: Path, out_dir: Path, name: str) -> dict:
     if path.is_dir():
         for candidate in (path / "metrics.json", path / "test" / "metrics.json"):
@@ -102,7 +105,15 @@ def paper_report(table: str, rows: list, out_dir: str | Path, paper_file: Path =
         paper = row.get("paper")
         if paper is not None and paper not in published:
             raise ConfigError(f"rows[{i}].paper: {paper!r} is not a row of {table}; its rows: {', '.join(published)}")
-        cells = user_row(_metrics_of(path, out_dir, name), columns)
+        metrics = _metrics_of(path, out_dir, name)
+        split = row.get("split")
+        if split is None and set(metrics) and set(metrics) <= set(CLASSIFIER_SPLITS):
+            split = "test" if "test" in metrics else next(iter(metrics))  # a train_classifier.py run
+        if split is not None:
+            if split not in metrics:
+                raise ConfigError(f"rows[{i}].split: {path} has no split {split!r} (it has {', '.join(metrics)})")
+            metrics = metrics[split]
+        cells = user_row(metrics, columns)
         if all(c[0] is None for c in cells.values()):
             raise ConfigError(f"rows[{i}]: {path} scores none of {table}'s columns ({', '.join(columns)})")
         yours.append({"name": name, "path": str(path), "paper": paper, "param": row.get("param", ""), "cells": cells})
