@@ -142,3 +142,20 @@ def test_table_s1_on_the_real_imhi_expert_examples(run_cli, tmp_path):
     assert {metrics["expert"][t]["n"] for t in ("dr", "sad")} == {35}
     assert all(metrics["val"][t]["f1"] > 0.9 for t in ("dr", "sad"))
     assert "| DR |" in (out / "results.md").read_text().split("Table S1")[1]
+
+
+def test_an_empty_answer_is_left_unlabelled_and_counted_not_classified():
+    from mentalglm.scoring.fallback import fallback_markdown, label_fallback
+    from mentalglm.scoring.score import score_records
+
+    dr = TASKS["dr"]
+    labeler = TfidfLabeler.fit(dr, ["feels hopeless and empty", "enjoys the weekend"] * 4, [["yes"], ["no"]] * 4)
+    rows = [
+        {"task": "dr", "id": "a", "labels": ["no"], "output": "Reasoning: enjoys the weekend"},
+        {"task": "dr", "id": "b", "labels": ["yes"], "output": "   "},
+    ]
+    scored, rule = score_records(rows)
+    out, metrics = label_fallback(scored, {"dr": dr}, {"dr": labeler})
+    assert [r["labelled_by"] for r in out] == ["classifier", "none"] and "fallback_labels" not in out[1]
+    assert metrics["dr"]["empty_answers"] == 1 and metrics["dr"]["fallback_rate"] == 0.5
+    assert "(1 empty)" in "\n".join(fallback_markdown(rule, metrics, {}))

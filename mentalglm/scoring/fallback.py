@@ -181,6 +181,7 @@ def _load_encoder_labeler(path: Path, task: Task, m: Mapping):
 
 
 def fallback_text(task: Task, output: str) -> str:
+    """What the classifier reads of an answer: its explanation, else all of it."""
     return explanation_part(task, output) or output
 
 
@@ -190,9 +191,13 @@ def label_fallback(rows: list[dict], tasks: Mapping[str, Task], labelers: Mappin
     from mentalglm.scoring.metrics import TaskMetrics
 
     need: dict[str, list[int]] = {}
+    empty: dict[str, int] = {}
     for i, r in enumerate(rows):
         if not r["parsed"] and r["task"] in labelers:
-            need.setdefault(r["task"], []).append(i)
+            if fallback_text(tasks[r["task"]], r.get("output") or "").strip():
+                need.setdefault(r["task"], []).append(i)
+            else:  # nothing to read: it stays unlabelled, counted
+                empty[r["task"]] = empty.get(r["task"], 0) + 1
     out = [dict(r, labelled_by="rules" if r["parsed"] else "none") for r in rows]
     for name, idx in need.items():
         predicted = labelers[name].predict([fallback_text(tasks[name], rows[i]["output"]) for i in idx])
@@ -225,6 +230,7 @@ def label_fallback(rows: list[dict], tasks: Mapping[str, Task], labelers: Mappin
                 k: values[k] for k in ("precision", "recall", "f1", "parse_rate", "accuracy") if k in values
             }
             metrics[key]["fallback_rate"] = rate
+            metrics[key]["empty_answers"] = empty.get(name, 0)  # unreadable and without any text to classify
             metrics[key]["consistency"] = consistent / len(read) if read else None
             metrics[key]["consistency_n"] = len(read)
     return out, metrics
@@ -237,6 +243,9 @@ def fallback_markdown(rule: Mapping[str, dict], fallback: Mapping[str, dict], na
         "Consistency: of the answers the rules read that carry an explanation, the share whose stated label is the "
         "classifier's reading of that explanation.",
         "",
+        "Unlabelled: answers neither the rules nor the classifier labelled (empty answers among them, in brackets: "
+        "there is no text to classify).",
+        "",
         "| Task | F1, rules only | F1, with fallback | Labelled by the classifier | Unlabelled | Consistency |",
         "|---|---:|---:|---:|---:|---:|",
     ]
@@ -245,7 +254,7 @@ def fallback_markdown(rule: Mapping[str, dict], fallback: Mapping[str, dict], na
             unlabelled = 1 - m["parse_rate"]
             lines.append(
                 f"| {names.get(key, key)} | {100 * rule[key]['f1']:.2f} | {100 * m['f1']:.2f} | "
-                f"{100 * m['fallback_rate']:.2f}% | {100 * unlabelled:.2f}% | "
+                f"{100 * m['fallback_rate']:.2f}% | {100 * unlabelled:.2f}% ({m.get('empty_answers', 0)} empty) | "
                 + (f"{100 * m['consistency']:.2f}% (n {m['consistency_n']})" if m["consistency"] is not None else "-")
                 + " |"
             )
