@@ -104,7 +104,9 @@ def sample(cfg: DictConfig, dims: list[kit.Dimension]) -> dict:
     out = Path(cfg.output_dir)
     fields = kit.sheet_fields(dims)
     files = {out / "key.csv": csv_text(kit.KEY_FIELDS, key), out / "rubric.md": kit.rubric_markdown(dims, NOTICE)}
+    shown = {n: t.display_name for n, t in tasks.items()}  # the sheets are read by people; the key keeps names
     for rater, rows in sheets.items():
+        rows = [r | {"task": shown.get(r["task"], r["task"])} for r in rows]
         # A BOM, so spreadsheet programs open the Chinese text as UTF-8.
         files[out / "sheets" / f"{rater}.csv"] = "\ufeff" + csv_text(
             fields, [r | {d.name: "" for d in dims} for r in rows]
