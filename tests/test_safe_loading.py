@@ -49,8 +49,10 @@ def test_remote_code_when_configured_warns_naming_the_risk(tiny_checkpoint, capt
     assert captured[-1]["trust_remote_code"] is True
 
 
-def test_every_model_config_keeps_remote_code_off():
-    for path in sorted((ROOT / "conf" / "model").glob("*.yaml")):
+def test_every_model_and_classifier_config_keeps_remote_code_off():
+    paths = sorted((ROOT / "conf" / "model").glob("*.yaml")) + sorted((ROOT / "conf" / "classifier").glob("*.yaml"))
+    assert len(paths) > 10
+    for path in paths:
         assert "trust_remote_code: true" not in path.read_text().lower(), path
 
 
