@@ -56,11 +56,10 @@ def test_a_bad_tokenizer_is_named():
         tokens("x", "zh", "words")
 
 
-def test_predictions_with_reference_explanations_get_the_report(tmp_path):
-    from mentalglm.reporting.writer import score_predictions_file
-
+def zh_rows() -> list[dict]:
+    """SOS-HL-1K predictions rows whose answers and references carry the ZH explanations."""
     task = TASKS["sos_hl_1k"]
-    rows = [
+    return [
         {
             "task": "sos_hl_1k",
             "id": str(i),
@@ -69,6 +68,12 @@ def test_predictions_with_reference_explanations_get_the_report(tmp_path):
         }
         for i, (p, r) in enumerate(ZH)
     ]
+
+
+def test_predictions_with_reference_explanations_get_the_report(tmp_path):
+    from mentalglm.reporting.writer import score_predictions_file
+
+    rows = zh_rows()
     rows.append({"task": "sos_hl_1k", "id": "x", "output": "低自杀风险", "reference": "该帖子的发布者有低自杀风险。"})
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -132,16 +137,7 @@ def test_evaluate_reports_bertscore_and_a_bad_encoder_setting_is_one_line(run_cl
     from mentalglm.models.tiny_bert import ensure_tiny_bert
 
     model_dir = ensure_tiny_bert(tmp_path / "enc", corpus=[t for pair in ZH for t in pair] * 3, hidden_size=32)
-    task = TASKS["sos_hl_1k"]
-    rows = [
-        {
-            "task": "sos_hl_1k",
-            "id": str(i),
-            "output": task.format_answer(["高自杀风险"], p),
-            "reference": task.format_answer(["高自杀风险"], r),
-        }
-        for i, (p, r) in enumerate(ZH)
-    ]
+    rows = zh_rows()
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "out"
