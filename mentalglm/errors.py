@@ -7,6 +7,12 @@ Each subclass is also a `ValueError`, so library callers that catch ValueError k
 from __future__ import annotations
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (a library's OSError can run to pages), else its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class UserError(ValueError):
     """A mistake in the configuration, the data or the files a user handed in, with what to do about it."""
 

@@ -42,30 +42,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
-    """serve.py in a subprocess; `url` once /ready answers. Output (stdout + stderr) goes to `log`."""
+class ServerProcess:
+    """An entry point serving HTTP in a subprocess, `args(port)` its overrides; `url` once /ready answers. Output
+    (stdout + stderr) goes to `log`, run outputs under `outputs`."""
 
-    def __init__(
-        self,
-        tmp: Path,
-        cache: Path,
-        adapter: Path | None,
-        *overrides: str,
-        env: dict | None = None,
-        timeout: float = 600,
-    ):
+    def __init__(self, script: str, args, tmp: Path, env: dict | None = None, timeout: float = 600):
         self.port = free_port()
-        self.log = tmp / f"serve-{self.port}.log"
+        self.log = tmp / f"{Path(script).stem}-{self.port}.log"
         self.outputs = tmp / f"outputs-{self.port}"
-        cmd = [
-            sys.executable,
-            str(ROOT / "serve.py"),
-            f"paths.cache_dir={cache}",
-            *MODEL,
-            f"serve.port={self.port}",
-            *([f"adapter={adapter}"] if adapter else []),
-            *overrides,
-        ]
+        cmd = [sys.executable, str(ROOT / script), *args(self.port)]
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 cmd,
@@ -79,7 +64,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"serve.py exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"{script} exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             try:
                 if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
                     return
@@ -87,7 +72,7 @@ class Server:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"serve.py did not become ready:\n{self.log.read_text()[-3000:]}")
+        raise RuntimeError(f"{script} did not become ready:\n{self.log.read_text()[-3000:]}")
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 120) -> int:
         if self.proc.poll() is None:
@@ -98,6 +83,25 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         return self.proc.returncode
+
+
+class Server(ServerProcess):
+    """serve.py on the tiny GLM (with `adapter`, if given)."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        cache: Path,
+        adapter: Path | None,
+        *overrides: str,
+        env: dict | None = None,
+        timeout: float = 600,
+    ):
+        def args(port: int) -> list[str]:
+            adapter_arg = [f"adapter={adapter}"] if adapter else []
+            return [f"paths.cache_dir={cache}", *MODEL, f"serve.port={port}", *adapter_arg, *overrides]
+
+        super().__init__("serve.py", args, tmp, env=env, timeout=timeout)
 
 
 def train_adapter(tmp: Path, cache: Path, *overrides: str) -> Path:

@@ -285,51 +285,14 @@ def test_mentallamas_three_annotator_ratings_imported_as_sheets(run_cli, tmp_pat
     }
 
 
-class RatingServer:
+def rating_server(run: Path, rater: str, tmp: Path):
     """expert_eval.py action=rate as a real process on a free loopback port."""
+    from serving import ServerProcess
 
-    def __init__(self, run: Path, rater: str, tmp: Path):
-        import subprocess
-        import sys
-        import time
+    def args(port: int) -> list[str]:
+        return ["action=rate", "data=fixtures", f"run_dir={run}", f"rater={rater}", f"port={port}"]
 
-        import httpx
-        from conftest import ROOT, cli_env
-        from serving import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp / f"rate-{self.port}.log"
-        cmd = [sys.executable, str(ROOT / "expert_eval.py"), "action=rate", "data=fixtures", f"run_dir={run}"]
-        cmd += [f"rater={rater}", f"port={self.port}"]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                env=cli_env(tmp / "outputs"),
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"expert_eval.py exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"the rating page did not start:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        import os
-        import signal
-
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(60)
+    return ServerProcess("expert_eval.py", args, tmp, timeout=120)
 
 
 @pytest.mark.slow
@@ -349,7 +312,7 @@ def test_the_rating_page_keeps_progress_across_a_closed_browser_and_a_restart_an
     models = [f"+predictions.{m}={p}" for m, p in files.items()]
     run_cli("expert_eval.py", "data=fixtures", "data.select=[sos_hl_1k,cp]", "size=3", *models, f"output_dir={run}")
     key = kit.read_key(run / "key.csv")
-    server = RatingServer(run, "rater_1", tmp_path)
+    server = rating_server(run, "rater_1", tmp_path)
     try:
         sheet = httpx.get(server.url + "/api/sheet").json()
         codes = [it["code"] for it in sheet["items"]]
@@ -381,7 +344,7 @@ def test_the_rating_page_keeps_progress_across_a_closed_browser_and_a_restart_an
             assert page.input_value("#comment") == "清楚"
             browser.close()
         server.stop()
-        server = RatingServer(run, "rater_1", tmp_path)  # a restarted server reads the same SQLite file
+        server = rating_server(run, "rater_1", tmp_path)  # a restarted server reads the same SQLite file
         assert httpx.get(server.url + "/api/sheet").json()["ratings"][codes[0]]["reliability"] == 2
         for code in codes[1:]:
             httpx.put(

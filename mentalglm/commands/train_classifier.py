@@ -15,13 +15,12 @@ import logging
 import shutil
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from mentalglm.errors import ConfigError
 from mentalglm.fileio.atomic import dumps_json, replace_dir_atomic, write_files_atomic
 from mentalglm.reporting.results import display_names, results_markdown
-from mentalglm.runtime.builders import build_loggers, build_tasks, load_splits, selected_tasks
+from mentalglm.runtime.builders import build_loggers, build_tasks, build_trainer, load_splits, selected_tasks
 from mentalglm.scoring.fallback import ENCODERS_DIR, TfidfLabeler, labelers_json
 from mentalglm.scoring.metrics import TaskMetrics, majority_baseline, result_keys
 from mentalglm.tasks import TASKS, Task
@@ -76,14 +75,8 @@ def _fit_encoder(cfg: DictConfig, task: Task, train, val, out: Path, pretrained:
 
     clf = cfg.classifier
 
-    def trainer(callbacks, epochs):
-        return instantiate(
-            cfg.trainer,
-            max_epochs=epochs,
-            logger=loggers or False,
-            callbacks=callbacks,
-            enable_checkpointing=bool(callbacks),
-        )
+    def trainer(callbacks, epochs):  # no best-epoch callback (no validation split): no checkpoint at all
+        return build_trainer(cfg, loggers, callbacks, epochs, enable_checkpointing=bool(callbacks))
 
     labeler, info = fit_encoder(
         task,
@@ -104,20 +97,26 @@ def _fit_encoder(cfg: DictConfig, task: Task, train, val, out: Path, pretrained:
     return labeler, info
 
 
-def score_classifier(task: Task, labeler, rows: dict[str, list[dict]], source: str) -> dict[str, dict]:
-    """{split: the project's metrics of the classifier} for the validation, test and expert-example rows."""
-    scored = {}
+def score_classifier(
+    task: Task, labeler, rows: dict[str, list[dict]], train_labels: list[list[str]], source: str
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """({split: the project's metrics of the classifier}, {split: {key: majority-class F1}}) for the validation,
+    test and expert-example rows (the expert set gets no majority floor)."""
+    scored, floor = {}, {}
     for split in SCORED_SPLITS:
         items, missing = _items(task, rows[split], source)
         if missing:
             log.warning("%s %s: %d items have no %s and are left out", task.name, split, missing, source)
         if not items:
             continue
+        gold = [y for _, y, _ in items]
         metric = TaskMetrics(task, sync_on_compute=False)
-        predicted = labeler.predict([t for t, _, _ in items])
-        metric.update(predicted, [y for _, y, _ in items], [True] * len(items), [a for _, _, a in items])
+        metric.update(labeler.predict([t for t, _, _ in items]), gold, [True] * len(items), [a for _, _, a in items])
         scored[split] = metric.compute()
-    return scored
+        if split != "expert":
+            majority = majority_baseline(task, [{"labels": y} for y in train_labels], [{"labels": y} for y in gold])
+            floor[split] = {k: m["f1"] for k, m in majority.items()}
+    return scored, floor
 
 
 def table_s1_markdown(metrics: dict[str, dict], tasks: dict[str, Task], split: str = "test") -> list[str]:
@@ -166,13 +165,13 @@ def train_classifier(cfg: DictConfig) -> dict:
             labeler = TfidfLabeler.fit(
                 task, [t for t, _, _ in train], [y for _, y, _ in train], c=float(cfg.classifier.c)
             )
-            scored = score_classifier(task, labeler, rows, cfg.input)
+            scored, floor = score_classifier(task, labeler, rows, [y for _, y, _ in train], cfg.input)
         else:
             loggers = build_loggers(cfg, f"{cfg.experiment_name}-{name}", out, job_type="classifier")
             try:
                 val, _ = _items(task, rows["val"], cfg.input)
                 labeler, training[name] = _fit_encoder(cfg, task, train, val, out, pretrained, loggers)
-                scored = score_classifier(task, labeler, rows, cfg.input)
+                scored, floor = score_classifier(task, labeler, rows, [y for _, y, _ in train], cfg.input)
                 final = {
                     f"{s}/{k}/{m}": v[m]
                     for s, r in scored.items()
@@ -186,10 +185,8 @@ def train_classifier(cfg: DictConfig) -> dict:
         labelers[name] = labeler
         for split, results in scored.items():
             metrics.setdefault(split, {}).update(results)
-            if split != "expert":
-                gold = [{"labels": y} for _, y, _ in _items(task, rows[split], cfg.input)[0]]
-                majority = majority_baseline(task, [{"labels": y} for _, y, _ in train], gold)
-                baseline.setdefault(split, {}).update({k: m["f1"] for k, m in majority.items()})
+        for split, f1 in floor.items():
+            baseline.setdefault(split, {}).update(f1)
     shutil.rmtree(out / ".checkpoints", ignore_errors=True)
     meta = {"kind": kind, "classifier": cfg.classifier.name, "input": cfg.input, "skipped": skipped}
     if kind == "encoder":

@@ -35,6 +35,10 @@ class Dimension:
     low: int = 0
     high: int = 3
 
+    def accepts(self, value: float) -> bool:
+        """A rating is a whole number on the dimension's scale."""
+        return float(value).is_integer() and self.low <= value <= self.high
+
 
 def rubric_dimensions(rubric: Mapping[str, Mapping]) -> list[Dimension]:
     dims = []
@@ -189,7 +193,7 @@ def read_sheet(path: Path, key: Mapping[str, dict], dims: Sequence[Dimension]) -
                 value = float(raw)
             except ValueError:
                 value = math.nan
-            if not value.is_integer() or not d.low <= value <= d.high:
+            if not d.accepts(value):
                 raise ConfigError(f"{where}: {d.name}={raw!r} is not a whole number from {d.low} to {d.high}")
             ratings[d.name] = int(value)
         out[code] = ratings

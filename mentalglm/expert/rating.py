@@ -105,7 +105,7 @@ def create_rating_app(sheet: Path, store: RatingStore, dims: Sequence[kit.Dimens
             value = body.get(d.name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or not d.low <= value <= d.high:
+            if isinstance(value, bool) or not isinstance(value, int) or not d.accepts(value):
                 raise HTTPException(422, f"{d.name} must be a whole number from {d.low} to {d.high}")
             data[d.name] = value
         comment = body.get(kit.COMMENT, "")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mentalglm.config import LoraConfig, ModelConfig, TinyModelConfig, as_config, to_dict
-from mentalglm.errors import CheckpointError, ConfigError
+from mentalglm.errors import CheckpointError, ConfigError, first_line
 from mentalglm.models import packed_attention
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,8 @@ def load_tokenizer(model_cfg: ModelConfig | Mapping[str, Any], cache_dir: str | 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=_remote_code(model_cfg))
     except OSError as e:  # unknown hub id, no network, missing files: the first line says which
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
-            f"cannot load model.pretrained={path}: {reason} (check the Hugging Face id or local "
+            f"cannot load model.pretrained={path}: {first_line(e)} (check the Hugging Face id or local "
             "path; offline runs need the model in the HF cache)"
         ) from None
     if tok.pad_token_id is None:

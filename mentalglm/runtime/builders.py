@@ -314,10 +314,13 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path | None, extra: list | None =
     return callbacks + list(extra or [])
 
 
-def build_trainer(cfg: DictConfig, loggers: list, callbacks: list, max_epochs: int = 1) -> L.Trainer:
+def build_trainer(cfg: DictConfig, loggers: list, callbacks: list, max_epochs: int = 1, **overrides) -> L.Trainer:
+    """cfg.trainer with the run's loggers, callbacks and epochs (`overrides`: further Trainer arguments)."""
     from mentalglm.runtime.distributed import missing_strategy_package
 
     problem = missing_strategy_package(OmegaConf.to_container(cfg.trainer, resolve=False))
     if problem:
         raise ConfigError(problem)
-    return instantiate(cfg.trainer, max_epochs=int(max_epochs), logger=loggers or False, callbacks=callbacks)
+    return instantiate(
+        cfg.trainer, max_epochs=int(max_epochs), logger=loggers or False, callbacks=callbacks, **overrides
+    )

@@ -17,7 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from mentalglm.errors import ConfigError
+from mentalglm.errors import ConfigError, first_line
 from mentalglm.scoring.metrics import TaskMetrics
 from mentalglm.tasks import SINGLE_LABEL_KINDS, Task
 
@@ -36,8 +36,7 @@ def load_encoder(path: str, num_labels: int | None = None, multi_label: bool = F
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as e:  # unknown hub id, no network, missing files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"encoder {path!r} could not be loaded: {first}") from None
+        raise ConfigError(f"encoder {path!r} could not be loaded: {first_line(e)}") from None
     return model, tokenizer
 
 
@@ -59,18 +58,18 @@ class EncoderLabeler:
         chosen = (torch.sigmoid(logits.float()) > self.threshold).tolist()
         return [self.task.order_labels([c for c, on in zip(self.classes, row) if on]) for row in chosen]
 
+    def encode(self, texts: Sequence[str]):
+        """The tokenizer's padded batch of `texts`, truncated to `max_length`: for training and prediction alike."""
+        return self.tokenizer(
+            list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+        )
+
     @torch.inference_mode()
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> list[list[str]]:
         device = next(self.model.parameters()).device
         out: list[list[str]] = []
         for start in range(0, len(texts), batch_size):
-            batch = self.tokenizer(
-                list(texts[start : start + batch_size]),
-                truncation=True,
-                max_length=self.max_length,
-                padding=True,
-                return_tensors="pt",
-            ).to(device)
+            batch = self.encode(texts[start : start + batch_size]).to(device)
             out += self.decode(self.model(**batch).logits)
         return out
 
@@ -126,9 +125,7 @@ class _Collate:
 
     def __call__(self, items: list[tuple[str, list[str], str]]) -> dict:
         texts, gold, aspects = zip(*items)
-        inputs = self.labeler.tokenizer(
-            list(texts), truncation=True, max_length=self.labeler.max_length, padding=True, return_tensors="pt"
-        )
+        inputs = self.labeler.encode(texts)
         if self.labeler.single_label:
             targets = torch.tensor([self.index[labels[0]] for labels in gold])
         else:

@@ -190,18 +190,19 @@ def label_fallback(rows: list[dict], tasks: Mapping[str, Task], labelers: Mappin
     with-fallback metrics plus `fallback_rate`})."""
     from mentalglm.scoring.metrics import TaskMetrics
 
-    need: dict[str, list[int]] = {}
+    need: dict[str, list[tuple[int, str]]] = {}
     empty: dict[str, int] = {}
     for i, r in enumerate(rows):
         if not r["parsed"] and r["task"] in labelers:
-            if fallback_text(tasks[r["task"]], r.get("output") or "").strip():
-                need.setdefault(r["task"], []).append(i)
+            text = fallback_text(tasks[r["task"]], r.get("output") or "")
+            if text.strip():
+                need.setdefault(r["task"], []).append((i, text))
             else:  # nothing to read: it stays unlabelled, counted
                 empty[r["task"]] = empty.get(r["task"], 0) + 1
     out = [dict(r, labelled_by="rules" if r["parsed"] else "none") for r in rows]
-    for name, idx in need.items():
-        predicted = labelers[name].predict([fallback_text(tasks[name], rows[i]["output"]) for i in idx])
-        for i, labels in zip(idx, predicted):
+    for name, items in need.items():
+        predicted = labelers[name].predict([text for _, text in items])
+        for (i, _), labels in zip(items, predicted):
             out[i] = {**out[i], "fallback_labels": labels, "labelled_by": "classifier"}
     # Faithfulness: does the explanation of a parsed answer support the label the answer states?
     explained: dict[str, list[tuple[int, str]]] = {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
-from mentalglm.errors import ConfigError
+from mentalglm.errors import ConfigError, first_line
 from mentalglm.tasks import Task
 
 TOKENIZERS = ("char", "jieba", "whitespace")
@@ -60,8 +60,7 @@ class BertScore:
         try:
             self.scorer = BERTScorer(model_type=model, num_layers=int(layers), batch_size=int(batch_size))
         except OSError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ConfigError(f"explanation_bertscore.model={model!r} could not be loaded: {first}") from None
+            raise ConfigError(f"explanation_bertscore.model={model!r} could not be loaded: {first_line(e)}") from None
         self.model, self.num_layers = model, int(layers)
 
     def __call__(self, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
