@@ -10,6 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from mentalglm.data.answers import ANSWERS, label_only_error
 from mentalglm.errors import ConfigError
 from mentalglm.runtime.builders import trainable
 
@@ -46,6 +47,12 @@ def check_train_config(cfg: DictConfig, plans: list, tests: list[str], tasks: di
         )
     used = list(dict.fromkeys([t for p in plans for t in p.tasks] + tests))
     check_values(cfg)
+    if cfg.data.answers == "explained":  # a missing C-IMHI build: name the two ways forward, not just the file
+        trained = [t for p in plans for t in p.tasks]
+        missing = [t for t in trained if not Path(str(cfg.data.tasks[t].get("train") or "")).exists()]
+        if missing and all(Path(str(cfg.data.tasks[t].train)).suffix in (".json", ".jsonl") for t in missing):
+            where = sorted({str(Path(str(cfg.data.tasks[t].train)).parent) for t in missing})
+            raise label_only_error(cfg.data.name, missing, f"no explanation-bearing data is in {', '.join(where)}")
     check_data_files(cfg, used)
     check_model(cfg)
     check_precision(cfg.trainer)
@@ -62,6 +69,7 @@ def check_evaluate_config(cfg: DictConfig, names: list[str]) -> None:
 
 CHOICES = {
     "data.batching": ("grouped", "packed", "random"),
+    "data.answers": ANSWERS,
     "data.on_error": ("raise", "skip"),
     "data.on_leak": ("warn", "error"),
     "model.dtype": ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto"),

@@ -121,10 +121,21 @@ def job(cfg) -> Iterator[None]:
         if output_dir:
             mask_run_files(output_dir, config_secrets(cfg))
         with claim_run_dir(output_dir) if output_dir else contextlib.nullcontext():
+            restore_from_adapter(cfg)
             yield
     except UserError as e:
         log_user_error(e)
         raise
+
+
+def restore_from_adapter(cfg) -> None:
+    """run_dir= / adapter= bring the settings their adapter was trained with (mentalglm/runtime/run_card.py)."""
+    from mentalglm.runtime.run_card import RESTORED, restore_run
+
+    if cfg.get("task_name") in RESTORED and (cfg.get("adapter") or cfg.get("run_dir")):
+        from mentalglm.runtime.builders import resolve_adapter
+
+        restore_run(cfg, resolve_adapter(cfg))
 
 
 def run_command(command: Callable, cfg) -> object:

@@ -139,6 +139,10 @@ class ValidationConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING
+    # explained: every training task's answers state the label and then explain it (the paper's model; a task
+    # whose training answers carry no explanation stops the run) | label_only: the label sentence alone, on
+    # purpose (data=label_only; results.md and summary.json say so)
+    answers: str = "explained"
     # The tasks, in report order: name -> a TaskDataConfig mapping (checked by `task_entries`; typed Any so a
     # whole entry can be added on the command line: +data.tasks.NAME={definition: ..., stage: two, train: ...}).
     tasks: dict[str, Any] = field(default_factory=dict)
@@ -158,7 +162,7 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip (skips are counted and reported)
     on_leak: str = "warn"  # warn | error: the same post in two splits
     limit_eval: int | None = None  # cap val/test items per task (quick checks)
-    # The default of every IMHI entry's `pool` / `val_fraction` (conf/data/default.yaml interpolates them):
+    # The default of every IMHI entry's `pool` / `val_fraction` (conf/data/label_only.yaml interpolates them):
     # data.pool=[train,val,test] data.val_fraction=0.1 is the paper's Table 1 recipe.
     pool: list[str] | None = None
     val_fraction: float | None = None
@@ -185,6 +189,9 @@ class RunConfig:
     # Keys (beside credential-like ones: hf_token, *_api_key, *_secret, password, ...) whose values no file a run
     # writes may hold; pass credentials through the environment instead.
     secret_keys: list[str] = field(default_factory=list)
+    # run_dir= / adapter=: settings that contradict the run the adapter was trained with (other base model,
+    # templates, ...) are an error unless this is true (mentalglm/runtime/run_card.py)
+    force: bool = False
     paths: Any = MISSING
     model: ModelConfig = MISSING
     lora: LoraConfig | None = None
@@ -276,7 +283,12 @@ class ServeSettings:
     max_wait_ms: float = 10.0  # hf: how long the first request of a batch waits for company
     queue_size: int = 64  # waiting requests; beyond, 503 with Retry-After
     timeout_s: float = 300.0  # per request
-    max_tokens: int = 512  # cap on a request's max_tokens (and its default)
+    # Cap on a request's max_tokens (and its default): at least build_data's teacher.max_tokens, so serve.py can be
+    # the teacher with both defaults.
+    max_tokens: int = 1024
+    # Chat and completion prompts (a teacher prompt carries definitions and expert examples: longer than a training
+    # prompt); /v1/classify prompts are held to data.max_length, as the model was trained.
+    max_prompt_tokens: int = 8192
     retry_after_s: int = 2
 
 
@@ -377,6 +389,8 @@ class TrainClassifierConfig(DataCommandConfig):
     """train_classifier.py: a classifier per task (mentalglm/commands/train_classifier.py)."""
 
     task_name: str = "train_classifier"
+    run_dir: str | None = None  # a train.py run: its data config (task set, files, templates) is used
+    force: bool = False  # as RunConfig.force
     input: str = "explanation"  # explanation (-> label: consistency, label fallback) | post (-> label: a baseline)
     classifier: ClassifierConfig = MISSING
     examples: dict[str, Any] = field(default_factory=dict)  # task -> expert-example file, scored as split "expert"

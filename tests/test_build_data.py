@@ -302,13 +302,13 @@ def test_revision_round_trip_and_bad_sheets(run_cli, tmp_path):
     write_sheet(edited, bad)
     proc = run_cli("build_data.py", "action=merge", f"run_dir={out}", f"sheet={edited}", check=False)
     line = error_line(proc)
-    assert f"bad.csv:{sos + 2}: field 'revised_answer'" in line and "gold labels" in line
+    assert f"bad.csv: row {sos + 2}: field 'revised_answer'" in line and "gold labels" in line
     # an edited id
     bad = [dict(r, revised_answer=gold_answer(r)) for r in rows]
     bad[0]["id"] = "no-such-id"
     write_sheet(edited, bad)
     line = error_line(run_cli("build_data.py", "action=merge", f"run_dir={out}", f"sheet={edited}", check=False))
-    assert "bad.csv:2: field 'id'" in line
+    assert "bad.csv: row 2: field 'id'" in line
     assert {s: (out / f"{s}.jsonl").read_bytes() for s in before} == before  # nothing half-written
     # the experts fill all but one row: merged, and the rest waits
     good = [dict(r, revised_answer=gold_answer(r)) for r in rows]
@@ -324,6 +324,28 @@ def test_revision_round_trip_and_bad_sheets(run_cli, tmp_path):
     assert len((out / "pending.jsonl").read_text().splitlines()) == 1
     records = load_records(None, out / "train.jsonl")
     assert all(r["labels"] == TASKS[r["task"]].order_labels(r["labels"]) for r in records)
+    # a second round on the same sheet, its last row now filled: the merged rows are skipped and counted
+    good[-1]["revised_answer"] = gold_answer(good[-1])
+    write_sheet(sheet_path, good)
+    proc = run_cli("build_data.py", "action=merge", f"run_dir={out}")
+    assert (
+        f"merged 1 revised answers into {out} ({len(rows) - 1} merged before and skipped" in proc.stdout + proc.stderr
+    )
+    assert (out / "pending.jsonl").read_text() == ""
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["revisions"][-1] == {
+        "sheet": str(sheet_path),
+        "merged": 1,
+        "already_merged": len(rows) - 1,
+        "left": 0,
+    }
+    after = {s: (out / f"{s}.jsonl").read_bytes() for s in before}
+    # a third round changes an already-merged answer: an error naming the spreadsheet row, nothing written
+    good[0]["revised_answer"] = good[0]["revised_answer"].replace("专家修订", "第二轮修订")
+    write_sheet(sheet_path, good)
+    line = error_line(run_cli("build_data.py", "action=merge", f"run_dir={out}", check=False))
+    assert "revision.csv: row 2: field 'revised_answer'" in line and "merged before with another answer" in line
+    assert {s: (out / f"{s}.jsonl").read_bytes() for s in before} == after
 
 
 @pytest.mark.parametrize("mode", ["drop", "keep"])

@@ -585,7 +585,7 @@ def test_fixtures_are_what_the_generator_writes(tmp_path):
 
     make(tmp_path)
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    assert len(written) == 33  # with the three expert-example files of build_data.py
+    assert len(written) == 36  # with the three expert-example files of build_data.py and C-IMHI's three splits
     for rel in written:
         assert (tmp_path / rel).read_bytes() == (F / rel).read_bytes(), rel
 

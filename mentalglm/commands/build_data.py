@@ -209,32 +209,29 @@ def judge(task: Task, gold: list[str], entry: dict) -> tuple[str, str | None]:
     return "agreed", None
 
 
-def instruction_row(
-    task: Task, record: dict, answer: str, entry: dict | None, revised: bool, model: str, agrees: bool = True
-) -> dict:
-    row = {
-        "task": task.name,
-        "id": record["id"],
-        "instruction": record["query"],
-        "input": "",
-        "output": answer,
-        "labels": task.order_labels(record["labels"]),
-    }
-    if record.get("aspect"):
-        row["aspect"] = record["aspect"]
-    row["provenance"] = {
-        "teacher_model": (entry or {}).get("model", model),
-        "prompt_sha256": (entry or {}).get("prompt_sha256"),
-        "date": (entry or {}).get("date"),
-        "revised": revised,
-        **({} if agrees else {"agrees_with_gold": False}),
-    }
-    return row
+def explain_tasks(cfg: DictConfig, tasks: dict[str, Task]) -> list[str]:
+    """data.select, else the tasks with a teacher instruction (instructions.<task>): C-IMHI's, not IMHI's."""
+    names = selected_tasks(cfg, tasks)
+    if cfg.data.get("select") is not None:
+        return names
+    chosen = [n for n in names if (cfg.instructions or {}).get(n)]
+    if not chosen:
+        raise ConfigError(
+            f"no task of data={cfg.data.name} has a teacher instruction: set instructions.<task>=PATH "
+            "(conf/instructions/ holds the C-IMHI tasks') or data.select=[...]"
+        )
+    if left := [n for n in names if n not in chosen]:
+        log.info("explaining %s (the tasks with an instruction); not %s", ", ".join(chosen), ", ".join(left))
+    return chosen
+
+
+def train_command(out: Path) -> str:
+    return f"python train.py data=c_imhi data.dirs.c_imhi={out}"
 
 
 def explain(cfg: DictConfig) -> dict:
     tasks = build_tasks(cfg)
-    names = selected_tasks(cfg, tasks)
+    names = explain_tasks(cfg, tasks)
     teacher = teacher_config(cfg)
     splits = load_splits(cfg, tasks, names)
     settings = sampling_settings(teacher)
@@ -292,11 +289,11 @@ def explain(cfg: DictConfig) -> dict:
             c[f"problem: {problem}"] += 1
         if status == "agreed":
             answer = task.format_answer(record["labels"], explanation_part(task, entry["content"]))
-            rows[split].append(instruction_row(task, record, answer, entry, False, teacher.model))
+            rows[split].append(P.instruction_row(task, record, answer, entry, False, teacher.model))
             continue
         if cfg.on_disagree == "keep" and status == "disagreed":
             rows[split].append(
-                instruction_row(task, record, entry["content"].strip(), entry, False, teacher.model, agrees=False)
+                P.instruction_row(task, record, entry["content"].strip(), entry, False, teacher.model, agrees=False)
             )
             c["kept"] += 1
             continue
@@ -345,6 +342,7 @@ def explain(cfg: DictConfig) -> dict:
         "usage": stats["usage"],
         "seconds": round(time.monotonic() - started, 1),
         "notice": SCREENING,
+        "train_command": train_command(out),
     }
     files = {out / f"{s}.jsonl": jsonl_text(rows[s]) for s in cfg.splits}
     files[out / PENDING] = jsonl_text(pending)
@@ -372,6 +370,7 @@ def explain(cfg: DictConfig) -> dict:
             out,
         )
     log.info("wrote %s", ", ".join(str(out / f"{s}.jsonl") for s in cfg.splits))
+    log.info("train stage two on it%s: %s", " (after the merge)" if sheet else "", train_command(out))
     return report
 
 
@@ -413,6 +412,8 @@ def explain_markdown(report: dict) -> str:
         f"out; estimated cost {u.get('estimated_cost', 0)} {u.get('currency', '')}.",
         "",
     ]
+    if report.get("train_command"):
+        lines += ["Train stage two on these files:", "", f"    {report['train_command']}", ""]
     return "\n".join(lines)
 
 
@@ -443,20 +444,35 @@ def merge(cfg: DictConfig) -> dict:
     if missing:
         raise PredictionsError(f"{sheet_path}:1: missing columns {missing} (the sheet build_data.py wrote has them)")
     merged: dict[str, list[dict]] = defaultdict(list)
-    done, left, seen = [], 0, {}
-    for row in reader:
-        where = f"{sheet_path}:{reader.line_num}"
+    earlier = merged_before(run, report)
+    done, left, again, seen = [], 0, 0, {}
+    # Rows are named as a spreadsheet shows them (the header is row 1), not by file line: a cell may span lines.
+    for row_no, row in enumerate(reader, start=2):
+        where = f"{sheet_path}: row {row_no}"
         key = (row["split"], row["task"], row["id"], row["aspect"] or "")
         if key in seen:
-            raise PredictionsError(f"{where}: field 'id': {row['id']!r} of task {row['task']} repeats line {seen[key]}")
-        seen[key] = reader.line_num
+            raise PredictionsError(f"{where}: field 'id': {row['id']!r} of task {row['task']} repeats row {seen[key]}")
+        seen[key] = row_no
+        answer = (row.get("revised_answer") or "").strip()
         item = pending.get(key)
+        if item is None and key in earlier:
+            task = tasks[row["task"]]
+            if (
+                answer
+                and task.format_answer(task.order_labels(earlier[key]["labels"]), explanation_part(task, answer))
+                != earlier[key]["output"]
+            ):
+                raise PredictionsError(
+                    f"{where}: field 'revised_answer': {row['id']!r} of task {row['task']} ({row['split']}) was merged "
+                    "before with another answer; a merged row cannot change (edit the training file itself)"
+                )
+            again += 1  # merged in an earlier round, unchanged (or emptied): skipped
+            continue
         if item is None:
             raise PredictionsError(
                 f"{where}: field 'id': {row['id']!r} of task {row['task']} ({row['split']}) is not an item waiting "
-                f"for revision in {run / PENDING} (an edited id, or merged already)"
+                f"for revision in {run / PENDING} (an edited id?)"
             )
-        answer = (row.get("revised_answer") or "").strip()
         if not answer:
             left += 1
             continue
@@ -475,8 +491,11 @@ def merge(cfg: DictConfig) -> dict:
         canonical = task.format_answer(item["labels"], explanation_part(task, answer))
         record = {"id": item["id"], "query": item["query"], "labels": item["labels"], "aspect": item["aspect"]}
         entry = {"model": item["teacher_model"], "prompt_sha256": item["prompt_sha256"], "date": item["date"]}
-        merged[item["split"]].append(instruction_row(task, record, canonical, entry, True, item["teacher_model"]))
+        merged[item["split"]].append(P.instruction_row(task, record, canonical, entry, True, item["teacher_model"]))
         done.append(key)
+    if not done and again:
+        log.info("nothing new to merge: %d rows of %s were merged before (%d left empty)", again, sheet_path, left)
+        return {"merged": 0, "already_merged": again, "left": left}
     if not done:
         raise PredictionsError(f"{sheet_path}: no filled revised_answer cells ({left} rows left empty)")
     files = {}
@@ -486,11 +505,31 @@ def merge(cfg: DictConfig) -> dict:
         files[path] = jsonl_text(rows)
     rest = [p for k, p in pending.items() if k not in set(done)]
     files[run / PENDING] = jsonl_text(rest)
-    report.setdefault("revisions", []).append({"sheet": str(sheet_path), "merged": len(done), "left": left})
+    report.setdefault("revisions", []).append(
+        {"sheet": str(sheet_path), "merged": len(done), "already_merged": again, "left": left}
+    )
     files[run / REPORT] = dumps_json(report)
     write_files_atomic(files)
-    log.info("merged %d revised answers into %s (%d rows of the sheet left empty)", len(done), run, left)
-    return {"merged": len(done), "left": left}
+    log.info(
+        "merged %d revised answers into %s (%d merged before and skipped, %d rows of the sheet left empty)",
+        len(done),
+        run,
+        again,
+        left,
+    )
+    return {"merged": len(done), "already_merged": again, "left": left}
+
+
+def merged_before(run: Path, report: dict) -> dict[tuple, dict]:
+    """The rows an earlier merge wrote (provenance.revised), by (split, task, id, aspect)."""
+    from mentalglm.fileio.atomic import read_partial
+
+    out = {}
+    for split, name in report["files"].items():
+        for row in read_partial(run / name):
+            if (row.get("provenance") or {}).get("revised"):
+                out[(split, row["task"], str(row["id"]), row.get("aspect") or "")] = row
+    return out
 
 
 # ----------------------------------------------------------------------------- translate
@@ -564,7 +603,7 @@ def translate(cfg: DictConfig) -> dict:
             explanation = entries["explanation"]["content"].strip() if "explanation" in entries else None
             answer = target.format_answer(record["labels"], explanation)
             translated = {**record, "query": query}
-            row = instruction_row(target, translated, answer, entries["post"], False, teacher.model)
+            row = P.instruction_row(target, translated, answer, entries["post"], False, teacher.model)
             row["provenance"]["source_task"] = record["task"]
             row["provenance"]["translated"] = True
             rows[split].append(row)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from mentalglm.checks import check_train_config
 from mentalglm.commands.scores import calibrated, validation_scores
 from mentalglm.errors import CheckpointError, ConfigError
-from mentalglm.fileio.atomic import replace_dir_atomic, write_json_atomic
+from mentalglm.fileio.atomic import replace_dir_atomic, write_atomic, write_json_atomic
 from mentalglm.models.loading import check_adapter_dir, load_tokenizer
 from mentalglm.models.module import MentalGLMModule
 from mentalglm.reporting.writer import write_evaluation
@@ -38,6 +38,7 @@ from mentalglm.runtime.distributed import (
     resume_strategy_problem,
 )
 from mentalglm.runtime.resume import mark_stage_done, stage_done, wants_resume
+from mentalglm.runtime.run_card import model_card, read_card, run_card, write_card
 from mentalglm.scoring.metrics import mean_f1
 from mentalglm.scoring.text_metrics import explanation_report
 from mentalglm.tasks import Task
@@ -181,7 +182,7 @@ def run_stage(
         if problem := resume_strategy_problem(OmegaConf.to_container(cfg.trainer), ckpt_path):
             raise CheckpointError(problem)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-        result = export_best(trainer, module, plan, stage_dir, identity)
+        result = export_best(cfg, trainer, module, plan, stage_dir, identity)
         if test_names and cfg.generation.backend == "hf":
             test_metrics = run_test(cfg, trainer, module, tokenizer, tasks, test_names, out_dir / "test")
     finally:
@@ -195,6 +196,8 @@ def run_stage(
     if test_names and cfg.generation.backend == "vllm":
         # After the trained model is gone: vLLM loads the base and the exported adapter itself.
         test_metrics = run_test_vllm(cfg, tokenizer, tasks, test_names, out_dir / "test", result.best_adapter)
+    if test_metrics and (card := read_card(result.best_adapter)) is not None:
+        write_atomic(result.best_adapter / "README.md", model_card(card, test_metrics))
     registry.register(cfg.paths.registry_dir, identity, result.best_adapter, out_dir, result.best_score)
     mark_stage_done(
         stage_dir,
@@ -248,7 +251,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def export_best(
-    trainer: L.Trainer, module: MentalGLMModule, plan: Plan, stage_dir: Path, identity: dict
+    cfg: DictConfig, trainer: L.Trainer, module: MentalGLMModule, plan: Plan, stage_dir: Path, identity: dict
 ) -> StageResult:
     """Load the best checkpoint's adapter weights and save them with save_pretrained (PeftModel-loadable)."""
     ckpt_cb = trainer.checkpoint_callback
@@ -262,12 +265,30 @@ def export_best(
         load_adapter_weights(module, state)
     adapter = adapter_state_dict(module.model, trainer.strategy)  # gathers sharded weights: every rank
     adapter_dir = stage_dir / "best_adapter"
-    if trainer.is_global_zero:
-        replace_dir_atomic(adapter_dir, lambda tmp: module.save_adapter(tmp, adapter))
-    trainer.strategy.barrier("export_best")  # the next stage reads the adapter on every rank
     monitor = ckpt_cb.monitor if ckpt_cb is not None else None
+    card = run_card(
+        cfg, stage=plan.name, trained_tasks=plan.tasks, monitor=monitor, best_score=score, run_dir=str(stage_dir.parent)
+    )
+
+    def save(tmp: Path) -> None:
+        # The adapter carries its run: the card, a model card for people, and the tokenizer it was trained with.
+        module.save_adapter(tmp, adapter)
+        module.tokenizer.save_pretrained(str(tmp))
+        write_card(tmp, card)
+        (Path(tmp) / "README.md").write_text(model_card(card), encoding="utf-8")
+
+    if trainer.is_global_zero:
+        replace_dir_atomic(adapter_dir, save)
+    trainer.strategy.barrier("export_best")  # the next stage reads the adapter on every rank
     log.info("stage %s: best %s %s, adapter -> %s", plan.name, monitor, score, adapter_dir)
     return StageResult(plan.name, adapter_dir, score, best or None, identity)
+
+
+def test_title(cfg: DictConfig) -> str:
+    """results.md's title: a model trained on label-only answers says so (it is not the paper's explainable one)."""
+    if cfg.data.answers == "label_only":
+        return f"Test results: a LABEL-ONLY model (data={cfg.data.name} trains the label sentence, no explanation)"
+    return "Test results"
 
 
 def run_test(
@@ -296,6 +317,7 @@ def run_test(
         results,
         out_dir,
         {n: tasks[n] for n in names},
+        title=test_title(cfg),
         log_text=bool(cfg.log_text),
         loggers=trainer.loggers,
         baseline=dm.majority_baseline(gold),
@@ -324,6 +346,7 @@ def run_test_vllm(
         results,
         out_dir,
         {n: tasks[n] for n in names},
+        title=test_title(cfg),
         baseline=dm.majority_baseline(gold),
         templates=OmegaConf.to_container(cfg.data.templates, resolve=True),
         explanations=explanation_report(rows, {n: tasks[n] for n in names}, references=dm.references.get("test", {})),
@@ -337,6 +360,8 @@ def train(cfg: DictConfig) -> dict:
     plans = plan_stages(cfg, tasks)
     tests = test_tasks(cfg, selected) if cfg.test else []
     check_train_config(cfg, plans, tests, tasks)
+    if cfg.data.answers == "label_only":
+        log.warning("data=%s trains LABEL-ONLY answers (no explanation), not the paper's model", cfg.data.name)
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     done: dict[str, StageResult] = {}
     summary_stages: dict[str, dict] = {}
@@ -357,6 +382,8 @@ def train(cfg: DictConfig) -> dict:
             "best_checkpoint": last.best_ckpt,
         }
     summary = {
+        "data": cfg.data.name,
+        "answers": cfg.data.answers,  # explained (the paper's model) | label_only
         "stages": summary_stages,
         "best_adapter": str(last.best_adapter),
         "best_val_f1_mean": last.best_score,

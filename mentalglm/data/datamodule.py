@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mentalglm.config import DataConfig, as_config, to_dict
+from mentalglm.data.answers import check_explained, explained_counts
 from mentalglm.data.collate import GenerationCollator, PackedCollator, TrainCollator
 from mentalglm.data.io import LoadReport, check_on_error
 from mentalglm.data.render import META_COLUMNS, tokenize_dataset
@@ -110,6 +111,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.skip = set(skip)
         self.report = LoadReport()
         self.stats: dict[str, dict] = {}
+        self.answer_counts: dict[str, tuple[int, int]] = {}  # train: task -> (answers, with an explanation)
         self.datasets: dict[str, datasets.Dataset] = {}
         # Gold labels only (no post text) of every split, for the majority-class baseline.
         self.gold: dict[str, list[dict]] = {}
@@ -137,6 +139,11 @@ class InstructionDataModule(L.LightningDataModule):
         )
         if self.report.total_skipped:
             log.warning("skipped bad items:\n%s", self.report.summary())
+        if "train" in self.splits:
+            self.answer_counts = explained_counts(splits["train"], self.task_defs)
+            for name in check_explained(d.name, d.answers, self.answer_counts):
+                n, k = self.answer_counts[name]
+                log.warning("task %s: %d of %d training answers carry no explanation", name, n - k, n)
         if self.split_file is not None:
             save_split(splits, self.split_file)
         self.gold = {

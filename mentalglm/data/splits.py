@@ -95,7 +95,7 @@ def _task_splits(
         others = sorted({r["task"] for r in records if r["task"] != key})
         if others:
             unread = [t for t in others if t not in configured]
-            (log.warning if unread else log.info)(
+            (log.warning if unread else log.debug)(
                 "data.tasks.%s.%s: the file also holds rows of %s, read by their own entries%s",
                 key,
                 split,

@@ -141,6 +141,7 @@ def create_app(backend, settings: ServeSettings, *, api_key: str | None = None) 
     predictor: Predictor = backend.predictor
     tokenizer = predictor.tokenizer
     state = {"ready": True, "in_flight": 0, "served": 0}
+    prompt_limit = (settings.max_prompt_tokens, "serve.max_prompt_tokens")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -369,7 +370,7 @@ def create_app(backend, settings: ServeSettings, *, api_key: str | None = None) 
         if len(prompts) != 1:
             return _error(400, "prompt must be one string")
         try:
-            ids = predictor.check_length(predictor.text_prompt(prompts[0]) if prompts[0].strip() else [])
+            ids = predictor.check_length(predictor.text_prompt(prompts[0]) if prompts[0].strip() else [], *prompt_limit)
         except InputError as e:
             return _error(400, str(e))
         return await respond(request, ids, *checked, body.stream, "completion")
@@ -385,7 +386,9 @@ def create_app(backend, settings: ServeSettings, *, api_key: str | None = None) 
         if not any(m.role == "user" and m.content.strip() for m in body.messages):
             return _error(400, "messages: no user turn with content")
         try:
-            ids = predictor.check_length(predictor.messages_prompt([m.model_dump() for m in body.messages]))
+            ids = predictor.check_length(
+                predictor.messages_prompt([m.model_dump() for m in body.messages]), *prompt_limit
+            )
         except InputError as e:
             return _error(400, str(e))
         return await respond(request, ids, *checked, body.stream, "chat")

@@ -210,11 +210,9 @@ class Predictor:
         """Prompt ids of a plain completion prompt (the tokenizer's own prefix once)."""
         return plain_ids(self.tokenizer, prompt)
 
-    def check_length(self, ids: list[int]) -> list[int]:
+    def check_length(self, ids: list[int], limit: int, key: str) -> list[int]:
         if not ids:
             raise InputError("the prompt is empty")
-        if len(ids) > self.data.max_length:
-            raise InputError(
-                f"the prompt is {len(ids)} tokens; at most {self.data.max_length} (data.max_length) are allowed"
-            )
+        if len(ids) > limit:
+            raise InputError(f"the prompt is {len(ids)} tokens; at most {limit} ({key}) are allowed")
         return ids

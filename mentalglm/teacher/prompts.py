@@ -159,3 +159,28 @@ def has_language(text: str, language: str) -> bool:
     if language == "zh":
         return cjk / len(letters) >= 0.3
     return cjk / len(letters) < 0.3
+
+
+def instruction_row(
+    task: Task, record: dict, answer: str, entry: dict | None, revised: bool, model: str, agrees: bool = True
+) -> dict:
+    """One row of explanation-bearing instruction data as build_data.py writes it (alpaca form, read by
+    data=c_imhi as it is): the query, the canonical answer, the gold labels and where the answer came from."""
+    row = {
+        "task": task.name,
+        "id": record["id"],
+        "instruction": record["query"],
+        "input": "",
+        "output": answer,
+        "labels": task.order_labels(record["labels"]),
+    }
+    if record.get("aspect"):
+        row["aspect"] = record["aspect"]
+    row["provenance"] = {
+        "teacher_model": (entry or {}).get("model", model),
+        "prompt_sha256": (entry or {}).get("prompt_sha256"),
+        "date": (entry or {}).get("date"),
+        "revised": revised,
+        **({} if agrees else {"agrees_with_gold": False}),
+    }
+    return row
