@@ -132,6 +132,8 @@ def restore_from_adapter(cfg) -> None:
     """run_dir= / adapter= bring the settings their adapter was trained with (mentalglm/runtime/run_card.py)."""
     from mentalglm.runtime.run_card import RESTORED, restore_run
 
+    if cfg.get("task_name") == "expert_eval" and cfg.get("action") != "sample":
+        return  # rate / aggregate: run_dir is the folder action=sample wrote
     if cfg.get("task_name") in RESTORED and (cfg.get("adapter") or cfg.get("run_dir")):
         from mentalglm.runtime.builders import resolve_adapter
 

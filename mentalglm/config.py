@@ -212,6 +212,9 @@ class TrainConfig(RunConfig):
     variant: str | None = None
     stages: dict[str, StageConfig] = field(default_factory=dict)
     test: bool = True  # test the last stage's best adapter on every selected task that has a test file
+    # The test judges the label-explanation consistency of the model's answers with a TF-IDF classifier fitted on
+    # the run's training explanations (explained data only; needs scikit-learn)
+    consistency: bool = True
     ckpt_path: str | None = None  # a checkpoint to continue from, or "last" (= resume=true)
     resume: Any = False  # true (the newest unfinished run of this experiment), or a run directory
     max_bad_steps: int = 20  # consecutive non-finite losses (skipped steps) before the run stops
@@ -413,7 +416,9 @@ class ExpertEvalConfig(DataCommandConfig):
     rubric: dict[str, Any] = field(default_factory=dict)
     overall_of: list[str] = field(default_factory=list)  # overall = the mean of these dimensions ([]: none)
     agreement_level: str = "ordinal"  # Krippendorff's alpha: nominal | ordinal | interval | ratio
-    run_dir: str | None = None  # rate / aggregate: the folder action=sample wrote
+    # sample: a train.py run (its data, and its test answers unless predictions are given); rate / aggregate: the
+    # folder action=sample wrote
+    run_dir: str | None = None
     key: str | None = None  # aggregate: the key file (null: run_dir/key.csv)
     sheets: list[str] = field(default_factory=list)  # aggregate: filled sheets (empty: run_dir/sheets/*.csv)
     rater: str | None = None  # rate: whose sheet the page shows

@@ -487,3 +487,33 @@ def test_optuna_search_survives_a_failed_trial_and_reports_val_f1(run_cli, tmp_p
     assert result.best_value == pytest.approx(max(scores.values()))
     assert set(result.best_params) == {"lora.r", "lora.alpha", "optimizer.lr"}
     assert not (sweep / "ablation.md").exists()  # the ablation callback stays out of hyper-parameter search
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_each_job_as_its_own_process_into_one_sweep(run_cli, tmp_path):
+    """hydra/launcher=submitit_local (submitit_slurm on a cluster): one process per (variant, model, seed) job,
+    every job in the driver's sweep directory, the ablation table over all of them."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    run_cli(
+        "train.py", *FAST_DEMO, "stages.two.max_epochs=1", "variant=s1,s2", "-m",
+        "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
+    )  # fmt: skip
+    (sweep,) = sweep_dirs(tmp_path)
+    assert sorted(jobs_of(sweep)) == ["0", "1"]
+    logs = sorted(sweep.glob(".submitit/*/*_log.out"))
+    assert len(logs) == 2 and all("Job completed successfully" in p.read_text() for p in logs)
+    assert list(table_rows((sweep / "ablation.md").read_text())) == [("tiny_glm", "s1"), ("tiny_glm", "s2")]
+
+
+@pytest.mark.slow
+def test_optuna_studies_on_two_machines_share_one_storage(run_cli, tmp_path):
+    """hydra.sweeper.storage: a second search with the same study name and database continues the first's study
+    (on a cluster: a database URL every machine reaches; here SQLite)."""
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    search = ["hparams_search=optuna", "hydra.sweeper.n_trials=1", f"hydra.sweeper.storage={storage}"]
+    search += [*FAST_DEMO, "stages.two.max_epochs=1", "variant=s2", "test=false"]
+    for _ in range(2):
+        run_cli("train.py", *search)
+    study = optuna.load_study(study_name="mentalglm_lora", storage=storage)
+    assert len(study.trials) == 2 and all(t.state.name == "COMPLETE" for t in study.trials)

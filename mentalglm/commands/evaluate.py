@@ -92,6 +92,23 @@ def scoring_tasks(tasks: dict[str, Task]) -> dict[str, Task]:
     return {**tasks, **{n: t for n, t in TASKS.items() if n not in tasks}}
 
 
+def cpu_precision(cfg: DictConfig) -> dict:
+    """Generation on a CPU runs in fp32 unless trainer.precision (or trainer=) is on the command line: bf16
+    autocast there is slower and gives other answers than the fp32 test of a CPU training run."""
+    import torch
+
+    from mentalglm.checks import BF16, FP16
+    from mentalglm.runtime.run_card import command_line
+
+    accelerator = cfg.trainer.get("accelerator")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    asked = any(key in ("trainer", "trainer.precision") for key, _ in command_line())
+    if on_cpu and str(cfg.trainer.get("precision")) in BF16 | FP16 and not asked:
+        log.info("on a CPU: generating in fp32 (trainer.precision=%s asks otherwise)", cfg.trainer.precision)
+        return {"precision": "32-true"}
+    return {}
+
+
 def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task], bertscore=None) -> dict:
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split={cfg.split} is not one of test, val")
@@ -134,7 +151,7 @@ def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task], berts
     eval_tasks = {n: tasks[n] for n in names}
     module = build_module(cfg, tokenizer, eval_tasks, adapter, train=False, keep_inputs=bool(cfg.save_inputs))
     loggers = build_loggers(cfg, f"{cfg.model.name}/evaluate/{cfg.split}", out_dir, job_type="evaluate")
-    trainer = build_trainer(cfg, loggers, [progress])
+    trainer = build_trainer(cfg, loggers, [progress], **cpu_precision(cfg))
     try:
         if cfg.generation.backend == "vllm":
             new = vllm_rows(cfg, tokenizer, dm, cfg.split, adapter, out_dir, on_rows=progress.append)

@@ -45,13 +45,27 @@ def expert_eval(cfg: DictConfig):
 
 
 def _answers(cfg: DictConfig, tasks) -> dict[str, dict[tuple, str]]:
+    files = prediction_files(cfg)
+    return {model: kit.read_answers(Path(str(path)), tasks) for model, path in files.items()}
+
+
+def prediction_files(cfg: DictConfig) -> dict[str, str]:
+    """Model name -> predictions file: `predictions`, else the test answers of the train run `run_dir` names."""
     files = dict(cfg.predictions or {})
+    if not files and cfg.get("run_dir"):  # a train.py run: its model's test answers (its data was restored)
+        from mentalglm.runtime.builders import resolve_adapter
+        from mentalglm.runtime.run_card import read_card
+
+        card = read_card(resolve_adapter(cfg)) or {}
+        files = {(card.get("model") or {}).get("name", "model"): Path(str(cfg.run_dir)) / "test" / "predictions.jsonl"}
     if not files:
-        raise ConfigError("action=sample needs predictions: +predictions.MODEL=PATH for each model rated")
+        raise ConfigError(
+            "action=sample needs predictions: run_dir=TRAIN_RUN, or +predictions.MODEL=PATH for each model rated"
+        )
     for model, path in files.items():
         if not Path(str(path)).is_file():
             raise ConfigError(f"predictions.{model}={path}: no such file")
-    return {model: kit.read_answers(Path(str(path)), tasks) for model, path in files.items()}
+    return {model: str(path) for model, path in files.items()}
 
 
 def sample(cfg: DictConfig, dims: list[kit.Dimension]) -> dict:
@@ -112,7 +126,7 @@ def sample(cfg: DictConfig, dims: list[kit.Dimension]) -> dict:
             fields, [r | {d.name: "" for d in dims} for r in rows]
         )
     manifest = {
-        "models": {m: str(p) for m, p in cfg.predictions.items()},
+        "models": prediction_files(cfg),
         "split": cfg.split,
         "seed": int(cfg.seed),
         "per_task": counts,

@@ -291,6 +291,40 @@ def test_title(cfg: DictConfig) -> str:
     return "Test results"
 
 
+def consistency_judge(
+    cfg: DictConfig, tasks: dict[str, Task], names: list[str], rows: list[dict], out_dir: Path
+) -> tuple[list[dict], dict | None]:
+    """The label-explanation consistency of the model's own test answers: a TF-IDF explanation -> label classifier
+    per tested task, fitted on the run's training explanations (saved as test/consistency_classifier.json, usable
+    as evaluate.py label_fallback=), reads each answer's explanation; results.md reports how often it agrees with
+    the stated label (and F1 with it as the label fallback)."""
+    if not cfg.consistency or cfg.data.answers != "explained":
+        return rows, None
+    try:
+        import sklearn  # noqa: F401  (the classifier extra)
+    except ImportError:
+        log.warning("consistency=true needs scikit-learn (pip install -e '.[classifier]'): not judged")
+        return rows, None
+    from mentalglm.runtime.builders import load_splits
+    from mentalglm.scoring.fallback import TfidfLabeler, label_fallback, labelers_json
+    from mentalglm.scoring.parsing import explanation_part
+
+    train = load_splits(cfg, tasks, names)["train"]
+    labelers = {}
+    for name in names:
+        pairs = [(explanation_part(tasks[name], r["answer"]), r["labels"]) for r in train if r["task"] == name]
+        pairs = [(text, labels) for text, labels in pairs if text]
+        try:
+            labelers[name] = TfidfLabeler.fit(tasks[name], [x for x, _ in pairs], [y for _, y in pairs])
+        except ConfigError as e:
+            log.warning("consistency of %s not judged: %s", name, e)
+    if not labelers:
+        return rows, None
+    write_atomic(out_dir / "consistency_classifier.json", labelers_json(labelers, {"input": "explanation"}))
+    rows, fallback = label_fallback(rows, {n: tasks[n] for n in names}, labelers)
+    return rows, {**fallback, "classifier": str(out_dir / "consistency_classifier.json")}
+
+
 def run_test(
     cfg: DictConfig,
     trainer: L.Trainer,
@@ -312,12 +346,14 @@ def run_test(
     if cfg.scores.enabled:
         rows, risk, calibrations = calibrated(cfg, val_rows, rows, {n: tasks[n] for n in names})
     gold = [{"task": r["task"], "labels": r["gold_labels"], "aspect": r.get("aspect") or ""} for r in rows]
+    rows, fallback = consistency_judge(cfg, tasks, names, rows, out_dir)
     return write_evaluation(
         rows,
         results,
         out_dir,
         {n: tasks[n] for n in names},
         title=test_title(cfg),
+        fallback=fallback,
         log_text=bool(cfg.log_text),
         loggers=trainer.loggers,
         baseline=dm.majority_baseline(gold),
@@ -341,12 +377,14 @@ def run_test_vllm(
     dm.setup("test")
     rows, results = score(vllm_rows(cfg, tokenizer, dm, "test", str(adapter), out_dir), {n: tasks[n] for n in names})
     gold = [{"task": r["task"], "labels": r["gold_labels"], "aspect": r.get("aspect") or ""} for r in rows]
+    rows, fallback = consistency_judge(cfg, tasks, names, rows, out_dir)
     return write_evaluation(
         rows,
         results,
         out_dir,
         {n: tasks[n] for n in names},
         title=test_title(cfg),
+        fallback=fallback,
         baseline=dm.majority_baseline(gold),
         templates=OmegaConf.to_container(cfg.data.templates, resolve=True),
         explanations=explanation_report(rows, {n: tasks[n] for n in names}, references=dm.references.get("test", {})),
@@ -394,6 +432,26 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
+def closing_lines(out_dir: Path, summary: dict) -> str:
+    """What a run ends with on the console: the test table, where everything is, and the next command."""
+    lines = [""]
+    results = out_dir / "test" / "results.md"
+    if results.is_file():
+        text = results.read_text(encoding="utf-8").splitlines()
+        start = next((i for i, x in enumerate(text) if x.startswith("| Task")), len(text))
+        end = next((i for i in range(start, len(text)) if not text[i].startswith("|")), len(text))
+        lines += [text[0].lstrip("# "), "", *text[start:end], ""]
+    lines += [
+        f"run directory: {out_dir} (test/results.md, test/predictions.jsonl, summary.json)",
+        f"best adapter:  {summary['best_adapter']} (its run card restores the run)",
+        "next:",
+        f"  python predict.py run_dir={out_dir} task=sos_hl_1k \"text='...'\"",
+        f"  python evaluate.py run_dir={out_dir}",
+        f"  python serve.py run_dir={out_dir}",
+    ]
+    return "\n".join(lines)
+
+
 def run(cfg: DictConfig) -> float | None:
     """train.py's job: one run, or one job of a sweep (a failing job is recorded and the sweep goes on)."""
     from hydra.core.hydra_config import HydraConfig
@@ -407,6 +465,8 @@ def run(cfg: DictConfig) -> float | None:
     try:
         with job(cfg):
             summary = train(cfg)
+            if hc.mode != RunMode.MULTIRUN and is_global_zero():
+                print(closing_lines(Path(cfg.paths.output_dir), summary))
     except Exception as e:
         if hc.mode != RunMode.MULTIRUN:
             raise  # a user error: one `error:` line on the console, its traceback in train.log

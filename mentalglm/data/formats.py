@@ -577,7 +577,7 @@ def _json_str(ctx: Ctx, line: int, obj: dict, name: str, required: bool = False)
 
 
 def _row_task(ctx: Ctx, line: int, obj: dict) -> Task:
-    from mentalglm.tasks import get_task
+    from mentalglm.tasks import TASKS, get_task
 
     name = obj.get("task")
     if name is None:
@@ -586,6 +586,8 @@ def _row_task(ctx: Ctx, line: int, obj: dict) -> Task:
         return ctx.task
     if ctx.task is not None and name == ctx.task.name:
         return ctx.task
+    if name not in ctx.tasks and name in TASKS:  # a built-in task's row of a shared file (C-IMHI's splits)
+        return get_task(name, ctx.templates.get(name), TASKS)
     if name not in ctx.tasks:
         raise ctx.error("unknown task", line, "task", f"{shown(name)}; known: {', '.join(ctx.tasks)}")
     return get_task(name, ctx.templates.get(name), ctx.tasks)

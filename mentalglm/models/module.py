@@ -17,7 +17,7 @@ from mentalglm.errors import CheckpointError, ConfigError, NumericsError
 from mentalglm.models.loading import apply_lora, count_parameters, load_base_model
 from mentalglm.models.loss import logits_selection, supervised_loss, supervised_positions
 from mentalglm.runtime.distributed import gather_rows, gathered_for_generation, shard_model
-from mentalglm.runtime.generation import generate_batch
+from mentalglm.runtime.generation import generate_batch_capped
 from mentalglm.runtime.likelihood import LabelScorer, answer_of
 from mentalglm.runtime.throughput import FlopSpec, batch_samples, process_age, sample_lengths
 from mentalglm.scoring.metrics import mean_f1
@@ -30,7 +30,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 VALIDATION_MODES = ("generate", "likelihood")
 # Rows of validation and test: what the model answered for each item, before scoring (with label likelihoods:
 # `scores`, label -> probability, and `likelihood_labels`, the labels they predict).
-ROW_FIELDS = ("task", "id", "index", "aspect", "output", "gold_labels", "scores", "likelihood_labels")
+ROW_FIELDS = ("task", "id", "index", "aspect", "output", "truncated", "gold_labels", "scores", "likelihood_labels")
 
 # Kept as an alias: the name under which training code and tests have caught divergence.
 NonFiniteLossError = NumericsError
@@ -251,14 +251,15 @@ class MentalGLMModule(L.LightningModule):
         self.model.save_pretrained(str(path), safe_serialization=True, state_dict=state)
 
     # ------------------------------------------------------------------ generation-based evaluation
-    def generate_texts(self, prompts: list[list[int]], *, full: bool) -> list[str]:
-        """One planned batch of prompts: full answers (test) or the label sentence only (validation)."""
+    def generate_texts(self, prompts: list[list[int]], *, full: bool) -> list[tuple[str, bool]]:
+        """One planned batch of prompts: full answers (test) or the label sentence only (validation), each with
+        whether the token cap cut it."""
         cfg = self.generation_cfg
         stop = [] if full else list(cfg.val_stop_strings)
         max_new = int(cfg.max_new_tokens if full else cfg.val_max_new_tokens)
         # Entered on every rank for every batch, empty ones included (it is a collective on sharded models).
         with gathered_for_generation(self.model, self.trainer.strategy if self._trainer is not None else None):
-            return generate_batch(self.model, self.tokenizer, prompts, max_new_tokens=max_new, stop_strings=stop)
+            return generate_batch_capped(self.model, self.tokenizer, prompts, max_new, stop)
 
     @property
     def scorer(self) -> LabelScorer:
@@ -282,9 +283,9 @@ class MentalGLMModule(L.LightningModule):
     def _with_scores(row: dict, scored) -> dict:
         return {**row, "scores": scored.probs, "likelihood_labels": scored.labels}
 
-    def _rows(self, batch: dict, texts: list[str]) -> list[dict]:
+    def _rows(self, batch: dict, texts: list[tuple[str, bool]]) -> list[dict]:
         rows = []
-        for i, text in enumerate(texts):
+        for i, (text, capped) in enumerate(texts):
             rows.append(
                 {
                     "task": batch["task"][i],
@@ -292,6 +293,7 @@ class MentalGLMModule(L.LightningModule):
                     "index": int(batch["index"][i]),
                     "aspect": batch["aspect"][i],
                     "output": text,
+                    "truncated": capped,
                     "gold_labels": list(batch["labels"][i]),
                 }
             )

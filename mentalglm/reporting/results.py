@@ -93,6 +93,14 @@ def results_markdown(
     if base:
         lines += ["Majority F1: always answering the most frequent training label set (the floor to beat).", ""]
     lines += _table(header, rows) + [""]
+    cut = {name(k): metrics[k]["truncated"] for k in keys if metrics[k].get("truncated")}
+    if cut:
+        lines += [
+            "Answers cut by the token cap (generation.max_new_tokens): "
+            + ", ".join(f"{k} {v}" for k, v in cut.items())
+            + "; those cut before their label sentence ended count as unparsed.",
+            "",
+        ]
 
     secondary = [k for k in keys if k in owner and owner[k].secondary_metrics]
     if secondary:

@@ -104,12 +104,20 @@ def generation_config(tokenizer, max_new_tokens: int) -> GenerationConfig:
     )
 
 
-@torch.inference_mode()
 def generate_batch(
     model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 64, stop_strings: Sequence[str] = ()
 ) -> list[str]:
     """Greedy continuations of one batch of prompts (token ids), left-padded together as given, decoded without
     special tokens, cut before the first stop string and stripped. Works on plain and peft-wrapped models."""
+    return [text for text, _ in generate_batch_capped(model, tokenizer, prompts, max_new_tokens, stop_strings)]
+
+
+@torch.inference_mode()
+def generate_batch_capped(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, stop_strings: Sequence[str] = ()
+) -> list[tuple[str, bool]]:
+    """`generate_batch`'s texts, each with whether the token cap cut it (max_new_tokens reached with no stop token
+    and no stop string): an answer cut before its label sentence ends must not be read as a full one."""
     if not prompts:
         return []
     config = generation_config(tokenizer, max_new_tokens)
@@ -130,10 +138,18 @@ def generate_batch(
             stopping_criteria=criteria,
             synced_gpus=False,
         )
-        texts = tokenizer.batch_decode(out[:, input_ids.shape[1] :], skip_special_tokens=True)
+        new = out[:, input_ids.shape[1] :]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        ends = torch.tensor(sorted({*config.eos_token_id, config.pad_token_id}), device=new.device)
+        stopped = torch.isin(new, ends).any(dim=1).tolist()
     finally:
         model.train(was_training)
-    return [cut_at_stop_strings(text, stop_strings).strip() for text in texts]
+    out_rows = []
+    for text, ended in zip(texts, stopped):
+        cut = cut_at_stop_strings(text, stop_strings)
+        capped = new.shape[1] >= max_new_tokens and not ended and len(cut) == len(text)
+        out_rows.append((cut.strip(), capped))
+    return out_rows
 
 
 def generate(

@@ -85,7 +85,9 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("mentalglm.run_dir"):
         OmegaConf.register_new_resolver("mentalglm.run_dir", run_dir)
     if not OmegaConf.has_resolver("mentalglm.stamp"):
-        OmegaConf.register_new_resolver("mentalglm.stamp", stamp)
+        # Cached in the config (as Hydra's `now`): a sweep's jobs copy the driver's cache, so jobs that a launcher
+        # runs in processes of their own (submitit) resolve the sweep directory to the driver's.
+        OmegaConf.register_new_resolver("mentalglm.stamp", stamp, use_cache=True)
 
 
 # ----------------------------------------------------------------------------- one process per run directory

@@ -43,6 +43,7 @@ RESTORED = {
     "serve": ("model", "data", "generation"),
     "export": ("model", "data"),
     "train_classifier": ("data",),
+    "expert_eval": ("data",),  # action=sample run_dir=TRAIN_RUN: the run's test split and answers
 }
 
 

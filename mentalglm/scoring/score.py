@@ -8,6 +8,8 @@ A row to score holds:
     gold_labels  the gold label list
     aspect       optional, the aspect an aspect task asks about
     parser       optional, strict | free: how to read `output` (a free-form answer: free)
+    truncated    optional, true when the token cap cut the answer: unless its label sentence ended (the explanation
+                 marker follows it), it is not read as an answer
 Other fields (id, index, query, ...) are carried through. Rows of a predictions file give the gold as
 `labels` (a list) or `reference` (the gold answer text, parsed with the same parser); `read_predictions`
 turns them into rows to score.
@@ -20,7 +22,7 @@ from pathlib import Path
 
 from mentalglm.errors import PredictionsError
 from mentalglm.scoring.metrics import TaskMetrics
-from mentalglm.scoring.parsing import MODES, parse_labels
+from mentalglm.scoring.parsing import MODES, ParseResult, explanation_part, parse_labels
 from mentalglm.tasks import SINGLE_LABEL_KINDS, TASKS, Task
 
 __all__ = ["PredictionsError", "score", "score_records", "read_predictions", "prediction_row", "in_order_of_rows"]
@@ -33,10 +35,15 @@ def score(
     `parser_mode` (strict | free) reads every row; None: a row's own `parser` field, else strict."""
     scored: list[dict] = []
     batches: dict[str, dict[str, list]] = {}
+    cut: dict[str, int] = {}
     for row in rows:
         task = tasks[row["task"]]
         mode = parser_mode or row.get("parser") or "strict"
         pred = parse_labels(task, row["output"], mode)
+        if row.get("truncated"):
+            cut[task.name] = cut.get(task.name, 0) + 1
+            if pred.parsed and not label_sentence_ended(task, row["output"]):
+                pred = ParseResult([], False)
         scored.append({**row, "pred_labels": pred.labels, "parsed": pred.parsed, "parser": mode})
         batch = batches.setdefault(task.name, {"pred": [], "gold": [], "parsed": [], "aspect": []})
         batch["pred"].append(pred.labels)
@@ -49,8 +56,13 @@ def score(
             b = batches[name]
             metric = TaskMetrics(task, sync_on_compute=False)  # rows are gathered already: no cross-rank sum
             metric.update(b["pred"], b["gold"], b["parsed"], b["aspect"])
-            metrics.update(metric.compute())
+            metrics.update({k: {**m, "truncated": cut.get(name, 0)} for k, m in metric.compute().items()})
     return scored, metrics
+
+
+def label_sentence_ended(task: Task, output: str) -> bool:
+    """The answer went past its label sentence: the explanation marker (any of the task's) follows it."""
+    return bool(explanation_part(task, output)) or task.explanation_marker.strip() in output
 
 
 def in_order_of_rows(rows: list[dict], tasks: Mapping[str, Task]) -> dict[str, Task]:
