@@ -437,7 +437,7 @@ def test_serve_py_on_the_tiny_model_is_a_teacher(run_cli, tmp_path, cli_cache):
     from serving import Server, make_adapter
 
     adapter = make_adapter(cli_cache, tmp_path / "adapter")
-    srv = Server(tmp_path, cli_cache, adapter, "data.max_length=4096", "serve.max_tokens=16")
+    srv = Server(tmp_path, cli_cache, adapter, "serve.max_tokens=16")  # a teacher prompt: past data.max_length
     try:
         build(
             run_cli,

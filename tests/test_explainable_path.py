@@ -177,3 +177,13 @@ def test_the_run_card_restores_and_checks(tmp_path):
     with pytest.raises(ConfigError, match="data.templates"):
         restore_run(bad, str(card_dir), overrides=[("data.templates.cp", False)])
     assert Path(card_dir / "mentalglm.json").is_file()
+
+
+def test_serve_defaults_fit_build_datas_teacher():
+    """serve.py as the teacher with both defaults: the teacher's token cap is allowed, and a teacher prompt (a CP
+    prompt with definitions and expert examples measured 2,602 tokens) is held to serve.max_prompt_tokens, not
+    to the training prompts' data.max_length."""
+    from mentalglm.config import ServeSettings, TeacherConfig
+
+    teacher, serve = TeacherConfig(), ServeSettings()
+    assert serve.max_tokens >= teacher.max_tokens and serve.max_prompt_tokens >= 2602 + teacher.max_tokens

@@ -495,8 +495,8 @@ def test_submitit_local_runs_each_job_as_its_own_process_into_one_sweep(run_cli,
     every job in the driver's sweep directory, the ablation table over all of them."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     run_cli(
-        "train.py", *FAST_DEMO, "stages.two.max_epochs=1", "variant=s1,s2", "-m",
-        "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
+        "train.py", *FAST_DEMO, "stages.two.max_epochs=1", "variant=s1,s2",
+        "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20", "-m",
     )  # fmt: skip
     (sweep,) = sweep_dirs(tmp_path)
     assert sorted(jobs_of(sweep)) == ["0", "1"]
