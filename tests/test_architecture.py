@@ -81,6 +81,7 @@ def write_custom_tasks(root: Path) -> list[str]:
         f"+data.tasks.burnout={{definition:'{root / 'en.yaml'}',stage:one,train:'{root / 'en_train.csv'}',"
         f"val:'{root / 'en_val.csv'}'}}",
         "data.select=[burnout,sleep_mood]",
+        "data.answers=label_only",  # their files hold labels, no explanations
     ]
 
 

@@ -5,6 +5,7 @@ evaluate, predict, export and train_classifier; the final test and evaluate.py g
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import FAST_DEMO, ROOT, compose_config
 
@@ -109,7 +110,7 @@ def test_c_imhi_without_a_build_or_with_label_only_answers_stops_in_one_line(run
 
 
 @pytest.mark.slow
-def test_a_run_directory_carries_its_run(run_cli, tmp_path):
+def test_a_run_directory_carries_its_run(run_cli, tmp_path, cli_cache):
     run_cli("train.py", *FAST_DEMO)
     run = next((tmp_path / "outputs" / "train" / "demo" / "runs").iterdir())
     adapter = run / "stage_two" / "best_adapter"
@@ -144,6 +145,21 @@ def test_a_run_directory_carries_its_run(run_cli, tmp_path):
     line = error_line(run_cli("predict.py", f"run_dir={run}", "model.chat=false", "task=cp", "text=x", check=False))
     assert "model.chat" in line and "True" in line
     run_cli("predict.py", f"run_dir={run}", "model.chat=false", "force=true", "task=cp", "text='帖子'", f"output={out}")
+
+    # serve: the run's model, tasks and templates behind the API
+    from serving import ServerProcess
+
+    server = ServerProcess(
+        "serve.py", lambda port: [f"paths.cache_dir={cli_cache}", f"run_dir={run}", f"serve.port={port}"], tmp_path
+    )
+    try:
+        answer = httpx.post(
+            server.url + "/v1/classify", json={"task": "cp", "text": "房租又涨了。"}, timeout=120
+        ).json()
+        assert answer["task"] == "cp" and {"labels", "explanation", "output"} <= set(answer)
+        assert [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]] == ["mentalglm"]
+    finally:
+        assert server.stop() == 0
 
     # export and train_classifier: the run's model and data
     merged = tmp_path / "merged"

@@ -252,9 +252,10 @@ def vllm_rows(
                     "index": int(x["index"]),
                     "aspect": x["aspect"],
                     "output": text,
+                    "truncated": capped,
                     "gold_labels": list(x["labels"]),
                 }
-                for x, text in zip(part, texts)
+                for x, (text, capped) in zip(part, texts)
             ]
             if on_rows is not None:
                 on_rows(new)

@@ -163,7 +163,7 @@ def predict(cfg: DictConfig) -> list[dict]:
         ) as generate:
             for start in range(0, len(todo), 256):
                 indices = todo[start : start + 256]
-                finished(indices, generate([prompts[i] for i in indices], max_new))
+                finished(indices, [text for text, _ in generate([prompts[i] for i in indices], max_new)])
     bar.close()
     rows = [{k: done[i][k] for k in (*OUTPUT_FIELDS, "scores") if k in done[i]} for i in range(len(items))]
     write_jsonl_atomic(output, rows)

@@ -275,7 +275,7 @@ def export_best(
         module.save_adapter(tmp, adapter)
         module.tokenizer.save_pretrained(str(tmp))
         write_card(tmp, card)
-        (Path(tmp) / "README.md").write_text(model_card(card), encoding="utf-8")
+        write_atomic(Path(tmp) / "README.md", model_card(card))
 
     if trainer.is_global_zero:
         replace_dir_atomic(adapter_dir, save)

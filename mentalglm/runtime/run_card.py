@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mentalglm.config import to_dict
 from mentalglm.errors import ConfigError
+from mentalglm.fileio.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def run_card(cfg: DictConfig, **extra: Any) -> dict:
 
 def write_card(adapter_dir: Path, card: dict) -> None:
     """Into a directory being written (replace_dir_atomic's temporary one)."""
-    (Path(adapter_dir) / CARD).write_text(json.dumps(card, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    write_atomic(Path(adapter_dir) / CARD, json.dumps(card, ensure_ascii=False, indent=1) + "\n")
 
 
 def read_card(adapter_dir: str | Path | None) -> dict | None:

@@ -233,24 +233,33 @@ class VLLMClient:
         self, prompt: list[int], max_tokens: int, stop: list[str] = (), on_text: Callable[[str], None] | None = None
     ) -> str:
         """One answer, stripped like the hf backend's; `on_text` receives it piece by piece as it streams."""
+        text, _ = await self.complete_capped(prompt, max_tokens, stop, on_text)
+        return text
+
+    async def complete_capped(
+        self, prompt: list[int], max_tokens: int, stop: list[str] = (), on_text: Callable[[str], None] | None = None
+    ) -> tuple[str, bool]:
+        """`complete`'s answer and whether the token cap cut it (vLLM's finish_reason `length`)."""
         stop = list(stop)
         if on_text is None:
             response = await self.client.completions.create(**self._body(prompt, max_tokens, stop))
             choice = response.choices[0]
-            return self._final(list(getattr(choice, "token_ids", None) or []), choice.text, stop)
-        stream, ids = StreamText(on_text), []
+            text = self._final(list(getattr(choice, "token_ids", None) or []), choice.text, stop)
+            return text, choice.finish_reason == "length"
+        stream, ids, reason = StreamText(on_text), [], None
         async for chunk in await self.client.completions.create(**self._body(prompt, max_tokens, stop), stream=True):
             if chunk.choices:
                 stream.add(chunk.choices[0].text or "")
                 ids += list(getattr(chunk.choices[0], "token_ids", None) or [])
-        return stream.finish(self._final(ids, stream.text, stop))
+                reason = chunk.choices[0].finish_reason or reason
+        return stream.finish(self._final(ids, stream.text, stop)), reason == "length"
 
-    async def _complete_all(self, prompts, max_tokens, stop, progress=None) -> list[str]:
+    async def _complete_all(self, prompts, max_tokens, stop, progress=None) -> list[tuple[str, bool]]:
         gate = asyncio.Semaphore(self.concurrency)
 
         async def one(p):
             async with gate:
-                text = await self.complete(p, max_tokens, stop)
+                text = await self.complete_capped(p, max_tokens, stop)
             if progress is not None:
                 progress(1)
             return text
@@ -260,8 +269,10 @@ class VLLMClient:
         finally:
             await self.client.close()
 
-    def complete_all(self, prompts: list[list[int]], max_tokens: int, stop: list[str] = (), progress=None) -> list[str]:
-        """Every prompt's answer, in order, `concurrency` requests at a time (vLLM batches them itself)."""
+    def complete_all(
+        self, prompts: list[list[int]], max_tokens: int, stop: list[str] = (), progress=None
+    ) -> list[tuple[str, bool]]:
+        """Every prompt's (answer, cut by the cap), in order, `concurrency` requests at a time (vLLM batches)."""
         return asyncio.run(self._complete_all(prompts, max_tokens, stop, progress))
 
 
@@ -291,12 +302,12 @@ class StreamText:
 def vllm_generator(
     vllm: VLLMConfig, model_path: str, tokenizer, *, adapter: str | None, max_model_len: int, log_file: Path
 ) -> Iterator[Callable[..., list[str]]]:
-    """`generate(prompts, max_tokens, stop=(), progress=None)`: greedy answers from vLLM, the server at
-    `vllm.base_url` or one started here for the duration of the block."""
+    """`generate(prompts, max_tokens, stop=(), progress=None)`: greedy (answer, cut by the cap) pairs from vLLM,
+    the server at `vllm.base_url` or one started here for the duration of the block."""
     model = vllm.model if adapter else BASE_NAME
 
     def make(base_url: str):
-        def generate(prompts, max_tokens: int, stop=(), progress=None) -> list[str]:
+        def generate(prompts, max_tokens: int, stop=(), progress=None) -> list[tuple[str, bool]]:
             client = VLLMClient(base_url, model, tokenizer, concurrency=vllm.concurrency)
             return client.complete_all([list(p) for p in prompts], max_tokens, list(stop), progress)
 
