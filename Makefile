@@ -33,11 +33,12 @@ $(VLLM_VENV)/bin/vllm-ready:
 demo: install
 	$(BIN)/python train.py experiment=demo
 
+# Two workers (pytest-xdist): the end-to-end tests are independent subprocesses (own tmp dirs, free ports).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

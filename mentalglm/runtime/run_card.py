@@ -49,10 +49,21 @@ RESTORED = {
 
 
 def run_card(cfg: DictConfig, **extra: Any) -> dict:
-    """What an adapter of this run was trained with (resolved), plus `extra` (stage, scores, ...)."""
+    """What an adapter of this run was trained with (resolved), plus `extra` (stage, scores, ...). Credentials are
+    left out (keys that look like them or `secret_keys` names; values holding a secret are masked): a command
+    using the card takes them from its own environment."""
+    from mentalglm.tracking import config_secrets, is_secret_key, redact_secrets
+
+    keys = frozenset(str(k).lower() for k in (cfg.get("secret_keys") or []))
+
+    def drop(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: drop(v) for k, v in node.items() if not is_secret_key(k, keys)}
+        return [drop(v) for v in node] if isinstance(node, list) else node
+
     card = {"mentalglm_card": CARD_VERSION, **{s: to_dict(cfg[s]) for s in SECTIONS if cfg.get(s) is not None}}
     card["seed"] = int(cfg.seed)
-    return {**card, **extra}
+    return redact_secrets(drop({**card, **extra}), config_secrets(cfg), keys)
 
 
 def write_card(adapter_dir: Path, card: dict) -> None:

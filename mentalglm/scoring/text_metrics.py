@@ -119,7 +119,8 @@ def explanation_report(
     from mentalglm.scoring.parsing import explanation_part
 
     pairs: dict[str, tuple[list[str], list[str]]] = {}
-    for r in rows:
+    # In item order, whatever order the rows came in (gathered from ranks, resumed): float sums then agree.
+    for r in sorted(rows, key=lambda r: (r["task"], r.get("index", 0), str(r.get("id")), r.get("aspect") or "")):
         task = tasks.get(r["task"])
         key = (r["task"], str(r.get("id")), r.get("aspect") or "")
         reference = r.get("reference") if references is None else references.get(key)
