@@ -307,11 +307,12 @@ def test_parsing_is_fast():
         ("cp", "该句子体现的认知路径：认知歪曲-放大和缩小。推理：" + "解释" * 100),
         ("sad", "This post shows the stress cause related to work."),
     ]
-    start = time.perf_counter()
+    # CPU time of this process: the bound holds while other test workers load the machine (pytest -n 2).
+    start = time.process_time()
     for _ in range(2500):
         for name, text in cases:
             parse(name, text)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
 
 
 # ----------------------------------------------------------------------------- what real models write

@@ -98,11 +98,11 @@ def test_expert_examples(name, task):
 
 
 def test_imhi_loads_fast():
-    start = time.perf_counter()
+    start = time.process_time()  # this process's CPU: the bound holds beside another test worker
     for task, instr, complete, _ in IMHI_FILES:
         load_records(task, D / INSTR / instr)
         load_records(task, D / COMPLETE / complete)
-    assert time.perf_counter() - start < 10
+    assert time.process_time() - start < 10
 
 
 def real_cfg():
