@@ -58,7 +58,7 @@ def parse_args(argv=None):
         "--bucket-batches",
         type=int,
         default=C.data_default("bucket_batches"),
-        help="micro-batches per length-sorted bucket (default: conf/data/default.yaml)",
+        help="micro-batches per length-sorted bucket (default: mentalglm/config.py DataConfig)",
     )
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of every measurement")
     p.add_argument("--modes", default=",".join(MODES))
