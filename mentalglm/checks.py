@@ -48,10 +48,10 @@ def check_train_config(cfg: DictConfig, plans: list, tests: list[str], tasks: di
     used = list(dict.fromkeys([t for p in plans for t in p.tasks] + tests))
     check_values(cfg)
     if cfg.data.answers == "explained":  # a missing C-IMHI build: name the two ways forward, not just the file
-        trained = [t for p in plans for t in p.tasks]
-        missing = [t for t in trained if not Path(str(cfg.data.tasks[t].get("train") or "")).exists()]
-        if missing and all(Path(str(cfg.data.tasks[t].train)).suffix in (".json", ".jsonl") for t in missing):
-            where = sorted({str(Path(str(cfg.data.tasks[t].train)).parent) for t in missing})
+        train = {t: Path(str(cfg.data.tasks[t].get("train") or "")) for p in plans for t in p.tasks}
+        missing = [t for t, path in train.items() if not path.exists()]
+        if missing and all(train[t].suffix in (".json", ".jsonl") for t in missing):
+            where = sorted({str(train[t].parent) for t in missing})
             raise label_only_error(cfg.data.name, missing, f"no explanation-bearing data is in {', '.join(where)}")
     check_data_files(cfg, used)
     check_model(cfg)

@@ -44,11 +44,6 @@ def expert_eval(cfg: DictConfig):
     return aggregate(cfg, dims)
 
 
-def _answers(cfg: DictConfig, tasks) -> dict[str, dict[tuple, str]]:
-    files = prediction_files(cfg)
-    return {model: kit.read_answers(Path(str(path)), tasks) for model, path in files.items()}
-
-
 def prediction_files(cfg: DictConfig) -> dict[str, str]:
     """Model name -> predictions file: `predictions`, else the test answers of the train run `run_dir` names."""
     files = dict(cfg.predictions or {})
@@ -72,7 +67,8 @@ def sample(cfg: DictConfig, dims: list[kit.Dimension]) -> dict:
     from mentalglm.data.splits import post_of
 
     tasks = build_tasks(cfg)
-    answers = _answers(cfg, tasks)
+    sources = prediction_files(cfg)
+    answers = {model: kit.read_answers(Path(path), tasks) for model, path in sources.items()}
     answered = set.intersection(*(set(a) for a in answers.values()))
     partial = len(set.union(*(set(a) for a in answers.values())) - answered)
     if partial:
@@ -126,7 +122,7 @@ def sample(cfg: DictConfig, dims: list[kit.Dimension]) -> dict:
             fields, [r | {d.name: "" for d in dims} for r in rows]
         )
     manifest = {
-        "models": prediction_files(cfg),
+        "models": sources,
         "split": cfg.split,
         "seed": int(cfg.seed),
         "per_task": counts,

@@ -291,39 +291,37 @@ def test_title(cfg: DictConfig) -> str:
     return "Test results"
 
 
-def consistency_judge(
-    cfg: DictConfig, tasks: dict[str, Task], names: list[str], rows: list[dict], out_dir: Path
-) -> tuple[list[dict], dict | None]:
-    """The label-explanation consistency of the model's own test answers: a TF-IDF explanation -> label classifier
-    per tested task, fitted on the run's training explanations (saved as test/consistency_classifier.json, usable
-    as evaluate.py label_fallback=), reads each answer's explanation; results.md reports how often it agrees with
-    the stated label (and F1 with it as the label fallback)."""
+def consistency_judge(cfg: DictConfig, tasks: dict[str, Task], names: list[str], rows: list[dict], out_dir: Path):
+    """The label-explanation consistency of the model's own test answers (the label-fallback metrics, or None): a
+    TF-IDF explanation -> label classifier per tested task, fitted on the run's training explanations (saved as
+    test/consistency_classifier.json, usable as evaluate.py label_fallback=), reads each answer's explanation;
+    results.md reports how often it agrees with the stated label. The rows stay the test's own, so train.py's
+    predictions equal evaluate.py's."""
     if not cfg.consistency or cfg.data.answers != "explained":
-        return rows, None
+        return None
     try:
         import sklearn  # noqa: F401  (the classifier extra)
     except ImportError:
         log.warning("consistency=true needs scikit-learn (pip install -e '.[classifier]'): not judged")
-        return rows, None
+        return None
+    from mentalglm.commands.train_classifier import classifier_items
     from mentalglm.runtime.builders import load_splits
     from mentalglm.scoring.fallback import TfidfLabeler, label_fallback, labelers_json
-    from mentalglm.scoring.parsing import explanation_part
 
     train = load_splits(cfg, tasks, names)["train"]
     labelers = {}
     for name in names:
-        pairs = [(explanation_part(tasks[name], r["answer"]), r["labels"]) for r in train if r["task"] == name]
-        pairs = [(text, labels) for text, labels in pairs if text]
+        items, _ = classifier_items(tasks[name], [r for r in train if r["task"] == name], "explanation")
         try:
-            labelers[name] = TfidfLabeler.fit(tasks[name], [x for x, _ in pairs], [y for _, y in pairs])
+            labelers[name] = TfidfLabeler.fit(tasks[name], [x for x, _, _ in items], [y for _, y, _ in items])
         except ConfigError as e:
             log.warning("consistency of %s not judged: %s", name, e)
     if not labelers:
-        return rows, None
-    write_atomic(out_dir / "consistency_classifier.json", labelers_json(labelers, {"input": "explanation"}))
-    # Its metrics only: the rows stay the test's own, so train.py's predictions equal evaluate.py's.
+        return None
+    classifier = out_dir / "consistency_classifier.json"
+    write_atomic(classifier, labelers_json(labelers, {"input": "explanation"}))
     _, fallback = label_fallback(rows, {n: tasks[n] for n in names}, labelers)
-    return rows, {**fallback, "classifier": str(out_dir / "consistency_classifier.json")}
+    return {**fallback, "classifier": str(classifier)}
 
 
 def run_test(
@@ -347,7 +345,7 @@ def run_test(
     if cfg.scores.enabled:
         rows, risk, calibrations = calibrated(cfg, val_rows, rows, {n: tasks[n] for n in names})
     gold = [{"task": r["task"], "labels": r["gold_labels"], "aspect": r.get("aspect") or ""} for r in rows]
-    rows, fallback = consistency_judge(cfg, tasks, names, rows, out_dir)
+    fallback = consistency_judge(cfg, tasks, names, rows, out_dir)
     return write_evaluation(
         rows,
         results,
@@ -378,7 +376,7 @@ def run_test_vllm(
     dm.setup("test")
     rows, results = score(vllm_rows(cfg, tokenizer, dm, "test", str(adapter), out_dir), {n: tasks[n] for n in names})
     gold = [{"task": r["task"], "labels": r["gold_labels"], "aspect": r.get("aspect") or ""} for r in rows]
-    rows, fallback = consistency_judge(cfg, tasks, names, rows, out_dir)
+    fallback = consistency_judge(cfg, tasks, names, rows, out_dir)
     return write_evaluation(
         rows,
         results,

@@ -45,7 +45,7 @@ def classifier_text(task: Task, record: dict, source: str) -> str:
     return f"{aspect}: {post_of(record)}" if aspect else post_of(record)
 
 
-def _items(task: Task, rows: list[dict], source: str) -> tuple[list[tuple[str, list[str], str]], int]:
+def classifier_items(task: Task, rows: list[dict], source: str) -> tuple[list[tuple[str, list[str], str]], int]:
     """(text, labels, aspect) of the rows that have a text, and how many had none."""
     items = [(classifier_text(task, r, source), list(r["labels"]), r.get("aspect") or "") for r in rows]
     kept = [it for it in items if it[0].strip()]
@@ -104,7 +104,7 @@ def score_classifier(
     test and expert-example rows (the expert set gets no majority floor)."""
     scored, floor = {}, {}
     for split in SCORED_SPLITS:
-        items, missing = _items(task, rows[split], source)
+        items, missing = classifier_items(task, rows[split], source)
         if missing:
             log.warning("%s %s: %d items have no %s and are left out", task.name, split, missing, source)
         if not items:
@@ -156,7 +156,7 @@ def train_classifier(cfg: DictConfig) -> dict:
         task = tasks[name]
         rows = {s: [r for r in splits.get(s, []) if r["task"] == name] for s in ("train", "val", "test")}
         rows["expert"] = expert.get(name, [])
-        train, skipped[name] = _items(task, rows["train"], cfg.input)
+        train, skipped[name] = classifier_items(task, rows["train"], cfg.input)
         if skipped[name]:
             log.warning("%s: %d train items have no %s and are left out", name, skipped[name], cfg.input)
         if not train:
@@ -169,7 +169,7 @@ def train_classifier(cfg: DictConfig) -> dict:
         else:
             loggers = build_loggers(cfg, f"{cfg.experiment_name}-{name}", out, job_type="classifier")
             try:
-                val, _ = _items(task, rows["val"], cfg.input)
+                val, _ = classifier_items(task, rows["val"], cfg.input)
                 labeler, training[name] = _fit_encoder(cfg, task, train, val, out, pretrained, loggers)
                 scored, floor = score_classifier(task, labeler, rows, [y for _, y, _ in train], cfg.input)
                 final = {
