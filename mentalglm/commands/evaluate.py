@@ -26,6 +26,7 @@ from mentalglm.runtime.builders import (
     tasks_with_split,
 )
 from mentalglm.runtime.resume import wants_resume
+from mentalglm.runtime.run_card import data_source
 from mentalglm.scoring.parsing import MODES
 from mentalglm.scoring.score import score
 from mentalglm.scoring.text_metrics import TOKENIZERS, explanation_report
@@ -196,6 +197,7 @@ def evaluate_model(cfg: DictConfig, out_dir: Path, tasks: dict[str, Task], berts
             explanations=explanation_report(
                 rows, eval_tasks, cfg.explanation_tokenizer, dm.references.get(cfg.split, {}), bertscore
             ),
+            data=data_source(cfg, names, cfg.split),
         )
         progress.finish()
         return metrics

@@ -38,7 +38,7 @@ from mentalglm.runtime.distributed import (
     resume_strategy_problem,
 )
 from mentalglm.runtime.resume import mark_stage_done, stage_done, wants_resume
-from mentalglm.runtime.run_card import model_card, read_card, run_card, write_card
+from mentalglm.runtime.run_card import data_source, model_card, read_card, run_card, write_card
 from mentalglm.scoring.metrics import mean_f1
 from mentalglm.scoring.text_metrics import explanation_report
 from mentalglm.tasks import Task
@@ -361,6 +361,7 @@ def run_test(
         calibrations=calibrations,
         bins=int(cfg.scores.bins),
         explanations=explanation_report(rows, {n: tasks[n] for n in names}, references=dm.references.get("test", {})),
+        data=data_source(cfg, names, "test"),
     )
 
 
@@ -387,6 +388,7 @@ def run_test_vllm(
         baseline=dm.majority_baseline(gold),
         templates=OmegaConf.to_container(cfg.data.templates, resolve=True),
         explanations=explanation_report(rows, {n: tasks[n] for n in names}, references=dm.references.get("test", {})),
+        data=data_source(cfg, names, "test"),
     )
 
 

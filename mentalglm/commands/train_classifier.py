@@ -21,6 +21,7 @@ from mentalglm.errors import ConfigError
 from mentalglm.fileio.atomic import dumps_json, replace_dir_atomic, write_files_atomic
 from mentalglm.reporting.results import display_names, results_markdown
 from mentalglm.runtime.builders import build_loggers, build_tasks, build_trainer, load_splits, selected_tasks
+from mentalglm.runtime.run_card import data_source
 from mentalglm.scoring.fallback import ENCODERS_DIR, TfidfLabeler, labelers_json
 from mentalglm.scoring.metrics import TaskMetrics, majority_baseline, result_keys
 from mentalglm.tasks import TASKS, Task
@@ -189,6 +190,7 @@ def train_classifier(cfg: DictConfig) -> dict:
             baseline.setdefault(split, {}).update(f1)
     shutil.rmtree(out / ".checkpoints", ignore_errors=True)
     meta = {"kind": kind, "classifier": cfg.classifier.name, "input": cfg.input, "skipped": skipped}
+    meta["data"] = data_source(cfg, names, "test")
     if kind == "encoder":
         meta.update(pretrained=pretrained, training=training)
         meta["settings"] = {k: cfg.classifier[k] for k in ("epochs", "batch_size", "lr", "max_length", "threshold")}

@@ -3,7 +3,9 @@
 The published rows are data (conf/paper/mentalglm.yaml). Each user row reads a `metrics.json`, a run or
 evaluation directory holding one (`test/metrics.json` of a train.py run), or a predictions / scored JSONL file
 (scored here by the project's scorer); `paper` names the published row it is compared with, and the table
-gains a delta line (yours minus the paper's, in points). Written as paper_table<key>.md and .json.
+gains a delta line (yours minus the paper's, in points). Below the table, each of your rows states the data it
+stands on and its n per column (as its run recorded them, or the row's own `data:`), so a delta on other data is
+not read as a result. Written as paper_table<key>.md and .json.
 """
 
 from __future__ import annotations
@@ -53,6 +55,33 @@ def _metrics_of(path: Path, out_dir: Path, name: str) -> dict:
 
         return score_predictions_file(path, out_dir / f"scored_{_slug(name)}")
     raise ConfigError(f"row {name!r}: {path} is not a metrics.json, a run directory or a predictions JSONL file")
+
+
+def _source_of(path: Path, metrics: Mapping) -> dict | None:
+    """The data a row was scored on, as its run recorded it (metrics.json's or classifier.json's `data`)."""
+    if isinstance(metrics.get("data"), Mapping):
+        return dict(metrics["data"])
+    classifier = path / "classifier.json" if path.is_dir() else None
+    if classifier is not None and classifier.is_file():
+        data = json.loads(classifier.read_text(encoding="utf-8")).get("data")
+        return dict(data) if isinstance(data, Mapping) else None
+    return None
+
+
+def data_line(row: Mapping, columns: Mapping[str, str]) -> str:
+    """One line saying what a row of yours stands on: its data, split, files and n per column."""
+    source, stated = row.get("source"), row.get("data")
+    if stated:
+        what = str(stated)
+    elif source:
+        shown = [t for t in source.get("files") or {} if any(k == t or k.startswith(f"{t}_") for k in columns)]
+        files = sorted({str(source["files"][t]) for t in shown if source["files"][t]})
+        answers = f", {source['answers']} answers" if source.get("answers") else ""
+        what = f"data={source.get('name')}{answers}, {source.get('split')} split: {', '.join(files) or '-'}"
+    else:
+        what = "data not recorded (give the row a `data:` field saying what it was scored on)"
+    n = ", ".join(f"{title} {row['n'][k]}" for k, title in columns.items() if row["n"].get(k) is not None)
+    return f"- **{row['name']}**: {what}; n = {n or '-'}"
 
 
 def _slug(name: str) -> str:
@@ -106,6 +135,7 @@ def paper_report(table: str, rows: list, out_dir: str | Path, paper_file: Path =
         if paper is not None and paper not in published:
             raise ConfigError(f"rows[{i}].paper: {paper!r} is not a row of {table}; its rows: {', '.join(published)}")
         metrics = _metrics_of(path, out_dir, name)
+        source = _source_of(path, metrics)
         split = row.get("split")
         if split is None and set(metrics) and set(metrics) <= set(CLASSIFIER_SPLITS):
             split = "test" if "test" in metrics else next(iter(metrics))  # a train_classifier.py run
@@ -116,7 +146,19 @@ def paper_report(table: str, rows: list, out_dir: str | Path, paper_file: Path =
         cells = user_row(metrics, columns)
         if all(c[0] is None for c in cells.values()):
             raise ConfigError(f"rows[{i}]: {path} scores none of {table}'s columns ({', '.join(columns)})")
-        yours.append({"name": name, "path": str(path), "paper": paper, "param": row.get("param", ""), "cells": cells})
+        n = {k: metrics[k].get("n") for k in columns if isinstance(metrics.get(k), Mapping)}
+        yours.append(
+            {
+                "name": name,
+                "path": str(path),
+                "paper": paper,
+                "param": row.get("param", ""),
+                "cells": cells,
+                "n": n,
+                "data": row.get("data"),
+                "source": source,
+            }
+        )
 
     unit = "F1/P/R" if parts == 3 else "F1"
     head = ["Method", "Param", *(f"{title} ({unit})" for title in columns.values())]
@@ -133,6 +175,13 @@ def paper_report(table: str, rows: list, out_dir: str | Path, paper_file: Path =
             deltas = [_delta(y["cells"][k], _cell(theirs.get(k)), parts) for k in columns]
             lines.append(f"| Δ {y['name']} − {y['paper']} | | " + " | ".join(deltas) + " |")
     lines += ["", "Rows marked (paper) are the published figures; Δ is yours minus the paper's row, in points.", ""]
+    lines += [
+        "Your rows stand on this data (n: items per column). The paper's rows are on its own test sets: a Δ on "
+        "other data, or on a few dozen items, is not a result.",
+        "",
+        *(data_line(y, columns) for y in yours),
+        "",
+    ]
     result = {
         "table": table,
         "title": spec["title"],

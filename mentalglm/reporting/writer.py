@@ -8,6 +8,7 @@ metrics.json (schema_version 1):
     "majority_baseline": {"<metric key>": F1, "f1_mean": ...}   always answering the most frequent training labels
     "tasks":        {"<task>": {"display_name", "kind", "metric_keys", "metric_display_names"}}
     "templates":    the data.templates overrides in force when the answers were scored ({} when none)
+    "data":         {"name", "answers", "split", "files": {"<task>": file}}: the data scored (when known)
     "scores":       with scores.enabled: {"<task>": {"calibration", "before", "after", "agreement_with_generation",
                     "triage" (binary tasks)}} (mentalglm/scoring/calibration.py); absent otherwise
     "schema_version": 1
@@ -83,6 +84,7 @@ def metrics_document(
     risk: Mapping[str, dict] | None = None,
     fallback: Mapping[str, dict] | None = None,
     explanations: Mapping[str, dict] | None = None,
+    data: Mapping | None = None,
 ) -> dict:
     """metrics.json's content (see the module docstring)."""
     doc: dict = {**results, "f1_mean": mean_f1(results) if results else None}
@@ -98,6 +100,8 @@ def metrics_document(
         doc["fallback"] = dict(fallback)
     if explanations:
         doc["explanations"] = dict(explanations)
+    if data:
+        doc["data"] = dict(data)
     doc["schema_version"] = SCHEMA_VERSION
     return doc
 
@@ -121,6 +125,7 @@ def write_evaluation(
     bins: int = 15,
     fallback: Mapping[str, dict] | None = None,
     explanations: Mapping[str, dict] | None = None,
+    data: Mapping | None = None,
 ) -> dict:
     """Write the files of one evaluation and return metrics.json's content.
 
@@ -132,7 +137,7 @@ def write_evaluation(
     order = {name: i for i, name in enumerate(tasks)}
     ordered = sorted(rows, key=lambda r: (order.get(r["task"], len(order)), r.get("index", 0)))
     keep = (lambda r: {k: r[k] for k in fields if k in r} | _inputs(r)) if fields else dict
-    doc = metrics_document(results, tasks, baseline, templates, risk, fallback, explanations)
+    doc = metrics_document(results, tasks, baseline, templates, risk, fallback, explanations, data)
     markdown = results_markdown(
         results, tasks, title=title, notice=SCREENING_NOTICE, baseline=doc.get("majority_baseline")
     )

@@ -227,3 +227,14 @@ def model_card(card: dict, test: dict | None = None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def data_source(cfg: DictConfig, names: list[str], split: str) -> dict:
+    """Which data a score is on, for metrics.json and the paper tables: the data config's name and answers kind,
+    the split, and each task's file of that split (for a validation split carved from training, that file)."""
+    files = {}
+    for name in names:
+        spec = cfg.data.tasks.get(name) or {}
+        held_out = split == "val" and spec.get("train") and spec.get("val_size")
+        files[name] = spec.get(split) or (f"{spec.get('train')} (held out)" if held_out else None)
+    return {"name": cfg.data.get("name"), "answers": cfg.data.get("answers"), "split": split, "files": files}
