@@ -62,7 +62,8 @@ class Chain:
     def step(self, name: str, script: str, *args: str) -> None:
         """Run one entry point as a user would; its output goes to chain.log, a failure stops the chain."""
         cmd = [sys.executable, script, *args]
-        print(f"[{name}] python {script} {' '.join(shlex.quote(a) for a in args)}", flush=True)
+        shown_args = " ".join(shlex.quote(a.replace(f"{ROOT}/", "")) for a in args)  # as typed in the repository
+        print(f"[{name}] python {script} {shown_args}", flush=True)
         started = time.monotonic()
         with open(self.log, "a", encoding="utf-8") as log:
             log.write(f"\n===== {name}: {shlex.join(cmd)}\n")
@@ -134,7 +135,7 @@ def rows_arg(rows: list[dict]) -> str:
     """report=paper's rows as one Hydra override, every value quoted (names hold spaces and brackets)."""
 
     def quoted(value: str) -> str:
-        return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
     return "rows=[" + ", ".join("{" + ", ".join(f"{k}: {quoted(v)}" for k, v in r.items()) + "}" for r in rows) + "]"
 
@@ -217,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     for table in ("table3", "table4", "tableS1"):
         print("\n" + (result["report"] / f"paper_{table}.md").read_text(encoding="utf-8").strip())
     minutes = (time.monotonic() - started) / 60
+    steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result["seconds"].items())
+    print(f"\nSteps: {steps}.")
     print(
         f"\nThe paper's chain ran in {minutes:.1f} min: the build in {shown(out / 'build')}, the sweep in "
         f"{shown(out / 'sweep')}, the tables in {shown(result['report'])}, every step's output in "
