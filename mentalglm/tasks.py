@@ -55,6 +55,8 @@ TEMPLATE_FIELDS = (
 #   negations            a label right after one (a few characters or words later, same clause) is not predicted
 #   conclusion_markers   parser.mode=free: the text after the last one is read first (**结论**：低自杀风险)
 #   parser_idioms        phrases that are neither a label nor a negation (毫无疑问, "no doubt", "not sure")
+#   choice_markers       after a list of lettered or numbered options, the words that state the choice
+#                        (正确答案：C, "Correct answer: C)"): the letter reads as its option's label
 PARSER_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     "zh": {
         "explanation_markers": ("推理过程", "推理", "解释", "理由", "原因", "分析", "依据", "说明"),
@@ -78,6 +80,7 @@ PARSER_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
             "不容忽视",
             "不言而喻",
         ),
+        "choice_markers": ("正确答案", "最终答案", "答案", "应选", "选择", "我选", "选"),
     },
     "en": {
         "explanation_markers": ("reasoning", "explanation", "rationale", "analysis", "justification"),
@@ -112,6 +115,18 @@ PARSER_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
             "cannot be ruled out",
             "can't be ruled out",
             "not be ruled out",
+        ),
+        "choice_markers": (
+            "correct answer",
+            "correct option",
+            "final answer",
+            "the answer is",
+            "answer",
+            "i choose",
+            "i pick",
+            "i select",
+            "i would choose",
+            "option",
         ),
     },
 }
@@ -153,6 +168,7 @@ class TaskSpec:
     negations: list[str] | None = None
     conclusion_markers: list[str] | None = None
     parser_idioms: list[str] | None = None
+    choice_markers: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +202,7 @@ class Task:
     negations: tuple[str, ...] | None = None
     conclusion_markers: tuple[str, ...] | None = None
     parser_idioms: tuple[str, ...] | None = None
+    choice_markers: tuple[str, ...] | None = None
     source: str = ""  # the file the task was read from (for error messages)
 
     def __post_init__(self) -> None:

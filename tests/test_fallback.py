@@ -95,7 +95,7 @@ def test_label_fallback_labels_what_the_parser_cannot_read(run_cli, tmp_path):
         assert metrics[task]["parse_rate"] == 0.0  # the rules read nothing
         assert metrics["fallback"][task]["fallback_rate"] == 1.0 and metrics["fallback"][task]["f1"] > 0.5
     scored = [json.loads(line) for line in (out / "scored.jsonl").read_text().splitlines()]
-    assert {r["labelled_by"] for r in scored} == {"classifier"} and all(r["fallback_labels"] for r in scored)
+    assert {r["labelled_by"] for r in scored} == {"fallback"} and all(r["fallback_labels"] for r in scored)
     assert "## Label fallback" in (out / "results.md").read_text()
     # bad settings: one line each
     for args, message in (([f"label_fallback={tmp_path / 'nothing'}"], "is not a classifier"),):
@@ -124,7 +124,7 @@ def test_consistency_is_the_share_of_answers_whose_explanation_supports_their_la
     out, metrics = label_fallback(scored, {"dr": dr}, {"dr": labeler})
     by_id = {r["id"]: r for r in out}
     assert by_id["a"]["explanation_labels"] == ["yes"] and by_id["b"]["explanation_labels"] == ["no"]
-    assert by_id["c"]["labelled_by"] == "classifier" and by_id["c"]["fallback_labels"] == ["no"]
+    assert by_id["c"]["labelled_by"] == "fallback" and by_id["c"]["fallback_labels"] == ["no"]
     assert metrics["dr"]["consistency"] == 0.5 and metrics["dr"]["consistency_n"] == 2
     assert metrics["dr"]["fallback_rate"] == pytest.approx(1 / 3) and metrics["dr"]["parse_rate"] == 1.0
 
@@ -156,6 +156,6 @@ def test_an_empty_answer_is_left_unlabelled_and_counted_not_classified():
     ]
     scored, rule = score_records(rows)
     out, metrics = label_fallback(scored, {"dr": dr}, {"dr": labeler})
-    assert [r["labelled_by"] for r in out] == ["classifier", "none"] and "fallback_labels" not in out[1]
+    assert [r["labelled_by"] for r in out] == ["fallback", "none"] and "fallback_labels" not in out[1]
     assert metrics["dr"]["empty_answers"] == 1 and metrics["dr"]["fallback_rate"] == 0.5
     assert "(1 empty)" in "\n".join(fallback_markdown(rule, metrics, {}))

@@ -414,3 +414,80 @@ def test_a_task_file_replaces_the_parser_vocabulary():
     assert parse_labels(task, "好。依我看：坏") == ParseResult(["好"], True)
     with pytest.raises(ValueError, match="parser mode 'loose'"):
         parse_labels(task, "好", "loose")
+
+
+# ----------------------------------------------------------------------------- option lists
+CHOICE = {"zh": "正确答案：", "en": "Correct answer: "}
+
+
+def options_text(task, labels, sep=" ") -> str:
+    return sep.join(f"{key}. {label}" for key, label in zip("ABCDEFGHIJ", labels))
+
+
+@pytest.mark.parametrize("name", [n for n, t in TASKS.items() if t.kind in ("binary", "multiclass")])
+def test_a_stated_choice_reads_as_its_option_for_every_label(name):
+    task = TASKS[name]
+    for i, label in enumerate(task.labels):
+        for sep, after in ((" ", " "), ("\n", "\n")):
+            text = options_text(task, task.labels, sep) + after + CHOICE[task.language] + "ABCDEFGHIJ"[i]
+            for mode in ("strict", "free"):
+                result = parse_labels(task, text, mode)
+                assert (result, result.rule) == (ParseResult([label], True), "choice"), (mode, text)
+        listed = options_text(task, task.labels)
+        assert parse_labels(task, listed).reason == "options without a choice"
+
+
+LEAVES = ["触发性事件-生活", "认知歪曲-以偏概全"]
+
+
+@pytest.mark.parametrize(
+    "name,text,labels",
+    [
+        # the choice after the reasoning (strict mode reads the label part first, then looks past the marker)
+        ("sos_hl_1k", "A. 低自杀风险 B. 高自杀风险 推理：帖子写道不想活了，多次提到告别。正确答案：B", ["高自杀风险"]),
+        ("sos_hl_1k", "选项：A高自杀风险 B低自杀风险\n答案：A。", ["高自杀风险"]),
+        ("sos_hl_1k", "（1）低自杀风险（2）高自杀风险\n我选（2），因为帖子提到了具体计划。", ["高自杀风险"]),
+        ("dr", "A) Yes B) No\nReasoning: the poster mostly describes a busy week.\nCorrect answer: B) No", ["no"]),
+        ("dr", "a) yes b) no. I choose a because the post talks about hopelessness.", ["yes"]),
+        ("swmh", "Options: (A) none (B) depression (C) suicide\nThe answer is (C).", ["suicide"]),
+        ("socialcd_3k", "A. 非此即彼 B. 以偏概全 C. 读心术\n答案：A、C", ["非此即彼", "读心术"]),
+        ("socialcd_3k", "A. 非此即彼\nB. 以偏概全\nC. 读心术\n正确答案：以偏概全", ["以偏概全"]),
+        ("cp", "A. 触发性事件-生活 B. 认知歪曲-以偏概全 C. 情绪反应 答案：A和B", LEAVES),
+    ],
+)
+def test_option_lists_in_real_answers_read_the_stated_choice(name, text, labels):
+    for mode in ("strict", "free"):
+        result = parse_labels(TASKS[name], text, mode)
+        # free parsing may meet the choice as a conclusion ("答案：A", "Correct answer: B") first
+        rules = ("choice",) if mode == "strict" else ("choice", "conclusion")
+        assert result == ParseResult(labels, True) and result.rule in rules, (mode, result)
+
+
+@pytest.mark.parametrize(
+    "name,text",
+    [
+        ("sos_hl_1k", "A. 高自杀风险 B. 低自杀风险 推理：帖子中多次提到“活着没意思”，但也提到会去看医生。"),
+        ("dr", "A. Yes, the poster suffers from depression. B. No. Reasoning: The post is ambiguous about mood."),
+        ("sad", "1. school 2. work 3. financial problem\nThe post is about money and exams."),
+        ("socialcd_3k", "选项：A. 非此即彼 B. 读心术 C. 乱贴标签"),
+        ("sos_hl_1k", "A. 低自杀风险 B. 高自杀风险\n答案：C"),  # a choice of no listed option
+    ],
+)
+def test_options_without_a_choice_are_no_answer(name, text):
+    for mode in ("strict", "free"):
+        result = parse_labels(TASKS[name], text, mode)
+        assert result == UNPARSED and result.reason == "options without a choice", (mode, result)
+
+
+def test_a_multi_label_answer_may_number_its_labels():
+    result = parse("cp", "1. 触发性事件-生活\n2. 认知歪曲-以偏概全\n推理：帖子提到房租上涨。")
+    assert result == ParseResult(["触发性事件-生活", "认知歪曲-以偏概全"], True) and result.rule == "stated"
+
+
+def test_every_reading_names_its_rule():
+    sos, cp = TASKS["sos_hl_1k"], TASKS["cp"]
+    assert parse_labels(sos, "该帖子的发布者有高自杀风险。").rule == "stated"
+    assert parse_labels(sos, "发布者并没有高自杀风险。").rule == "negation"
+    assert parse_labels(cp, "该句子体现的认知路径：无。").rule == "none"
+    assert parse_labels(sos, "分析：帖子很长。**结论**：低自杀风险", "free").rule == "conclusion"
+    assert parse_labels(sos, "我不知道。").reason == "no label found"

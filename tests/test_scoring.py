@@ -214,3 +214,32 @@ def test_chart_labels_are_names_a_reader_can_read(monkeypatch):
     assert names[:2] == ["all-or-nothing", "overgeneralization"] and font == {} and all(n.isascii() for n in names)
     monkeypatch.setattr(results, "cjk_font", lambda: "Noto Sans CJK SC")  # a CJK font: the labels themselves
     assert results._tick_labels(labels, TASKS["socialcd_3k"]) == (labels, {"fontfamily": "Noto Sans CJK SC"})
+
+
+def test_rows_say_how_they_were_read_and_results_count_it():
+    from mentalglm.scoring.score import score
+    from mentalglm.tasks import TASKS
+
+    sos = TASKS["sos_hl_1k"]
+    outputs = [
+        "该帖子的发布者有高自杀风险。推理：帖子写道不想活了。",
+        "发布者并没有高自杀风险。",
+        "A. 低自杀风险 B. 高自杀风险 推理：帖子提到告别。正确答案：B",
+        "A. 低自杀风险 B. 高自杀风险 推理：帖子提到告别。",
+        "我无法判断。",
+    ]
+    rows = [{"task": "sos_hl_1k", "output": o, "gold_labels": ["高自杀风险"]} for o in outputs]
+    scored, metrics = score(rows, {"sos_hl_1k": sos})
+    assert [r["labelled_by"] for r in scored] == ["stated", "negation", "choice", "none", "none"]
+    assert [r.get("reason") for r in scored] == [None, None, None, "options without a choice", "no label found"]
+    assert metrics["sos_hl_1k"]["read_by"] == {
+        "choice": 1,
+        "negation": 1,
+        "stated": 1,
+        "unparsed: no label found": 1,
+        "unparsed: options without a choice": 1,
+    }
+    text = results_markdown(metrics, {"sos_hl_1k": sos})
+    assert "## How the answers were read" in text
+    header = "| Task | stated | choice | negation | unparsed: no label found | unparsed: options without a choice |"
+    assert header in text

@@ -101,6 +101,7 @@ def results_markdown(
             + "; those cut before their label sentence ended count as unparsed.",
             "",
         ]
+    lines += read_by_lines(metrics, keys, owner, name)
 
     secondary = [k for k in keys if k in owner and owner[k].secondary_metrics]
     if secondary:
@@ -270,3 +271,27 @@ def save_plots(metrics: dict[str, dict], out_dir: str | Path, tasks: Mapping[str
     from mentalglm.fileio.atomic import write_files_atomic
 
     return write_files_atomic(render_plots(metrics, out_dir, tasks))
+
+
+def read_by_lines(metrics: Mapping[str, dict], keys: list[str], owner: Mapping, name) -> list[str]:
+    """Which rule read each task's answers (scoring/parsing.py): shown when any answer was read by more than a
+    stated label, so a reader sees how much of an F1 rests on options, negations or conclusions."""
+    counts, seen = {}, set()
+    for k in keys:
+        task = owner[k].name if k in owner else k
+        if metrics[k].get("read_by") and task not in seen:
+            seen.add(task)
+            counts[owner[k].display_name if k in owner else name(k)] = metrics[k]["read_by"]
+    ways = sorted({w for c in counts.values() for w in c}, key=lambda w: (w.startswith("unparsed"), w != "stated", w))
+    if not counts or ways == ["stated"]:
+        return []
+    rows = [[task, *(str(c.get(w, 0)) for w in ways)] for task, c in counts.items()]
+    return [
+        "## How the answers were read",
+        "",
+        "stated: the label as written; choice: an option list's stated choice; negation: a binary task's other "
+        'label ("没有高自杀风险"); none: the none word; conclusion: after a conclusion marker (free parsing).',
+        "",
+        *_table(["Task", *ways], rows),
+        "",
+    ]

@@ -26,6 +26,8 @@ from mentalglm.tasks import SINGLE_LABEL_KINDS, Task
 FORMAT = "mentalglm-tfidf-labeler"
 VERSION = 1
 
+FALLBACK = "fallback"  # labelled_by of an answer the classifier labelled
+
 
 def _vectorizer(language: str, vocabulary=None):
     try:
@@ -199,11 +201,13 @@ def label_fallback(rows: list[dict], tasks: Mapping[str, Task], labelers: Mappin
                 need.setdefault(r["task"], []).append((i, text))
             else:  # nothing to read: it stays unlabelled, counted
                 empty[r["task"]] = empty.get(r["task"], 0) + 1
-    out = [dict(r, labelled_by="rules" if r["parsed"] else "none") for r in rows]
+    # labelled_by: the parser's rule (stated, choice, negation, ...) for a parsed answer, `fallback` where the
+    # classifier labelled it, `none` where nothing did.
+    out = [dict(r, labelled_by=(r.get("labelled_by") or "stated") if r["parsed"] else "none") for r in rows]
     for name, items in need.items():
         predicted = labelers[name].predict([text for _, text in items])
         for (i, _), labels in zip(items, predicted):
-            out[i] = {**out[i], "fallback_labels": labels, "labelled_by": "classifier"}
+            out[i] = {**out[i], "fallback_labels": labels, "labelled_by": FALLBACK}
     # Faithfulness: does the explanation of a parsed answer support the label the answer states?
     explained: dict[str, list[tuple[int, str]]] = {}
     for i, r in enumerate(rows):
@@ -213,7 +217,8 @@ def label_fallback(rows: list[dict], tasks: Mapping[str, Task], labelers: Mappin
                 explained.setdefault(r["task"], []).append((i, text))
     for name, items in explained.items():
         for (i, _), labels in zip(items, labelers[name].predict([t for _, t in items])):
-            out[i] = {**out[i], "explanation_labels": labels}
+            # consistent: the explanation alone leads to the labels the answer states
+            out[i] = {**out[i], "explanation_labels": labels, "consistent": labels == rows[i]["pred_labels"]}
     metrics: dict[str, dict] = {}
     for name, task in tasks.items():
         mine = [r for r in out if r["task"] == name]
@@ -223,7 +228,7 @@ def label_fallback(rows: list[dict], tasks: Mapping[str, Task], labelers: Mappin
         preds = [r.get("fallback_labels", r["pred_labels"]) for r in mine]
         parsed = [r["labelled_by"] != "none" for r in mine]
         metric.update(preds, [list(r["gold_labels"]) for r in mine], parsed, [r.get("aspect") or "" for r in mine])
-        rate = sum(r["labelled_by"] == "classifier" for r in mine) / len(mine)
+        rate = sum(r["labelled_by"] == FALLBACK for r in mine) / len(mine)
         read = [r for r in mine if "explanation_labels" in r]
         consistent = sum(r["explanation_labels"] == r["pred_labels"] for r in read)
         for key, values in metric.compute().items():

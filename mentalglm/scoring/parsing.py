@@ -15,7 +15,14 @@ Rules, in order:
    task, the other label (`没有高自杀风险` -> 低自杀风险). Multi-label: every match, deduplicated, in task label
    order. Hierarchical (CP): children imply their parent; a bare parent is kept only when none of its
    children was found.
-6. Nothing recognisable -> ParseResult([], parsed=False). Never a default class.
+6. Options are not answers: labels enumerated as lettered options (`A. 高自杀风险 B. 低自杀风险`, `(a) ... (b) ...`,
+   `选项：A高自杀风险 B低自杀风险`), or numbered ones for a single-label task, are a list, not a statement. A
+   choice stated after the list (a `choice_markers` word: `Correct answer: C`, `答案：B`, `I choose 2`) reads as its
+   option's label(s) (or the label it names); with none the answer is unparsed, reason "options without a choice".
+7. Nothing recognisable -> ParseResult([], parsed=False). Never a default class.
+
+Every result says which rule read it (`rule`: stated, choice, negation (a binary task's other label), none (the
+none word), conclusion (free mode, after a conclusion marker)) or, unparsed, why (`reason`).
 
 `mode="free"` (zero/few-shot answers, free-form prediction files) reads, in turn: the text after the last
 conclusion marker (`**结论**：低自杀风险`, `In conclusion, ...`), the answer part of rule 2, then the whole text,
@@ -28,7 +35,7 @@ from __future__ import annotations
 import bisect
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from mentalglm.tasks import PARSER_FIELDS, SINGLE_LABEL_KINDS, Task
@@ -43,6 +50,25 @@ NEGATION_GAP = {"zh": 4, "en": 4}  # characters (zh) or words (en) allowed betwe
 class ParseResult:
     labels: list[str]
     parsed: bool
+    # How it was read (not part of equality: two readings of the same labels are the same answer).
+    rule: str = field(default="", compare=False)  # stated | choice | negation | none | conclusion ("" unparsed)
+    reason: str = field(default="", compare=False)  # unparsed: why (no label found | options without a choice)
+
+
+NO_LABEL = "no label found"
+OPTIONS_WITHOUT_CHOICE = "options without a choice"
+# An option marker just before a label: "A. ", "a) ", "(b) ", "C：", "D、", "1. ", "(2) ", or a bare capital
+# ("选项：A高自杀风险"), after the start, a space or punctuation (so "a" the English article is no marker).
+_OPTION_BEFORE = re.compile(
+    r"(?:(?<=[\s(\[:;,/|>*。，；])|^)(?:\((?P<p>[A-Ja-j1-9])\)|(?P<k>[A-Ja-j1-9])\s?[).\]:、]|(?P<c>[A-J]))\s*(?:\*\*)?\s*$"
+)
+# The key(s) a choice states: "C", "(b)", "A、C", "1 and 3"; a lower-case letter only with punctuation or the end
+# after it ("answer: a." but not "the answer is a high risk").
+_CHOICE_KEYS = re.compile(
+    r"\s*(?:is|是|为|应为|应该是)?\s*[:：]?\s*(?:\*\*)?\s*"
+    r"(?P<keys>[(\[]?[A-Ja-j1-9](?![A-Za-z0-9])[)\]]?(?:\s*(?:[,、&/]|和|及|and)\s*[(\[]?[A-Ja-j1-9](?![A-Za-z0-9])[)\]]?)*)"
+    r"(?=\s*(?:[).\]:,;、。!\n*]|$)|\s+(?:because|since|as|-)\b|\s*[\u4e00-\u9fff])"
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +83,7 @@ class _Vocab:
     idioms: re.Pattern | None
     none_word: re.Pattern | None
     order: dict[str, int]
+    choices: re.Pattern | None  # the choice_markers words
 
 
 @lru_cache(maxsize=1)
@@ -217,6 +244,7 @@ def _build_vocab(task: Task) -> _Vocab:
         re.compile(idioms) if idioms else None,
         none_word,
         task.label_order,
+        re.compile(choices) if (choices := _words_regex(task, task.parser_words("choice_markers"))) else None,
     )
 
 
@@ -312,10 +340,68 @@ def _mask_idioms(vocab: _Vocab, text: str) -> str:
     return vocab.idioms.sub(lambda m: " " * len(m.group()), text)
 
 
-def _read(task: Task, vocab: _Vocab, text: str, *, last: bool = False) -> ParseResult:
+def _options(task: Task, text: str, hits: list[tuple[str, int, int]]) -> tuple[dict[str, list[str]], int]:
+    """({key: the labels of its option} of an enumeration of options among the hits, the end of the list); ({}, 0)
+    when none. An option holds every label up to the next key ("A. 触发性事件-生活": parent and child). Numbered
+    lists count only for single-label tasks (a multi-label answer may list its labels as 1. 2. 3.)."""
+    keyed: dict[str, list[str]] = {}
+    key, end = None, 0
+    for label, start, stop in hits:
+        m = _OPTION_BEFORE.search(text, max(0, start - 12), start)
+        if m is not None:
+            key = (m.group("p") or m.group("k") or m.group("c")).upper()
+            if key.isdigit() and task.kind not in SINGLE_LABEL_KINDS:
+                key = None
+                continue
+            keyed.setdefault(key, [])
+        elif key is None or text[end:start].strip(" -#:/|>") or CLAUSE_RE.search(text, end, start):
+            continue  # not part of an option: a label mentioned elsewhere
+        if key is not None and label not in keyed[key]:
+            keyed[key].append(label)
+            end = stop
+    return (keyed, end) if len(keyed) >= 2 else ({}, 0)
+
+
+def _stated_choice(vocab: _Vocab, text: str, start: int, options: dict[str, list[str]]) -> list[str] | None:
+    """The labels a choice after the options states: its keys' options, or the label named right after the choice
+    word; None when no choice is stated."""
+    if vocab.choices is None:
+        return None
+    for word in vocab.choices.finditer(text, start):
+        m = _CHOICE_KEYS.match(text, word.end())
+        if m is not None:
+            keys = re.findall(r"[A-Ja-j1-9]", m.group("keys"))
+            if all(k.upper() in options for k in keys):
+                return [label for k in keys for label in options[k.upper()]]
+        named = _find(vocab, text[word.end() : word.end() + 40])
+        if named and not text[word.end() : word.end() + named[0][1]].strip(" :：*()[]是为is"):
+            return [named[0][0]]
+    return None
+
+
+def _ordered(task: Task, vocab: _Vocab, labels) -> list[str]:
+    labels = set(labels)
+    if task.kind == "hierarchical":
+        splits = _cp_splits(task)
+        labels -= {splits[leaf][0] for leaf in labels if splits[leaf][1] is not None}
+    return sorted(labels, key=vocab.order.__getitem__)
+
+
+def _read(task: Task, vocab: _Vocab, text: str, *, last: bool = False, rest: str = "") -> ParseResult:
+    """`rest`: text after `text` (strict mode: the explanation) where a choice after an option list may stand."""
     text = _mask_idioms(vocab, text)
     kept, negated, previous_end = [], [], 0
     hits = _find(vocab, text)
+    options, list_end = _options(task, text, hits) if len(hits) >= 2 else ({}, 0)
+    if options:
+        chosen = _stated_choice(vocab, text, list_end, options)
+        if chosen is None and rest:
+            chosen = _stated_choice(vocab, rest, 0, options)
+        if chosen is None:
+            return ParseResult([], False, reason=OPTIONS_WITHOUT_CHOICE)
+        if task.kind in SINGLE_LABEL_KINDS:
+            return ParseResult(chosen[:1], True, "choice")
+        return ParseResult(_ordered(task, vocab, chosen), True, "choice")
     clause_ends = [m.start() for m in CLAUSE_RE.finditer(text)] if hits and vocab.negation is not None else []
     was_negated = False
     for label, start, end in hits:
@@ -326,17 +412,13 @@ def _read(task: Task, vocab: _Vocab, text: str, *, last: bool = False) -> ParseR
         previous_end = end
     if not kept:
         if task.kind == "binary" and len(set(negated)) == 1:
-            return ParseResult([next(lab for lab in task.labels if lab != negated[0])], True)
+            return ParseResult([next(lab for lab in task.labels if lab != negated[0])], True, "negation")
         if vocab.none_word is not None and vocab.none_word.search(text):
-            return ParseResult([], True)
-        return ParseResult([], False)
+            return ParseResult([], True, "none")
+        return ParseResult([], False, reason=NO_LABEL)
     if task.kind in SINGLE_LABEL_KINDS:
-        return ParseResult([kept[-1] if last else kept[0]], True)
-    labels = set(kept)
-    if task.kind == "hierarchical":
-        splits = _cp_splits(task)
-        labels -= {splits[leaf][0] for leaf in labels if splits[leaf][1] is not None}
-    return ParseResult(sorted(labels, key=vocab.order.__getitem__), True)
+        return ParseResult([kept[-1] if last else kept[0]], True, "stated")
+    return ParseResult(_ordered(task, vocab, kept), True, "stated")
 
 
 def parse_labels(task: Task, text: str, mode: str = "strict") -> ParseResult:
@@ -347,16 +429,22 @@ def parse_labels(task: Task, text: str, mode: str = "strict") -> ParseResult:
     vocab = _vocab(task)
     text = text or ""
     if mode == "strict":
-        return _read(task, vocab, _normalized_answer(task, vocab, text))
+        answer = _normalized_answer(task, vocab, text)
+        result = _read(task, vocab, answer)
+        if result.reason == OPTIONS_WITHOUT_CHOICE and len(answer) < len(text):
+            # The choice may come after the explanation marker ("A. … B. … Reasoning: … Correct answer: B").
+            result = _read(task, vocab, answer, rest=normalize(task, text)[len(answer) :])
+        return result
     full = normalize(task, text)
     conclusions = _sections(task, vocab, vocab.conclusions, full)
     if conclusions:
         verdict = _answer_part(task, vocab, full[conclusions[-1][1] :])
         result = _read(task, vocab, verdict)
         if result.parsed:
-            return result
-    result = _read(task, vocab, _answer_part(task, vocab, full))
-    if result.parsed:
+            return ParseResult(result.labels, True, "conclusion" if result.rule == "stated" else result.rule)
+    answer = _answer_part(task, vocab, full)
+    result = _read(task, vocab, answer, rest=full[len(answer) :])
+    if result.parsed or result.reason == OPTIONS_WITHOUT_CHOICE:
         return result
     return _read(task, vocab, full, last=True)
 

@@ -36,6 +36,7 @@ def score(
     scored: list[dict] = []
     batches: dict[str, dict[str, list]] = {}
     cut: dict[str, int] = {}
+    read_by: dict[str, dict[str, int]] = {}  # task -> {rule or "unparsed: reason": answers}
     for row in rows:
         task = tasks[row["task"]]
         mode = parser_mode or row.get("parser") or "strict"
@@ -43,8 +44,12 @@ def score(
         if row.get("truncated"):
             cut[task.name] = cut.get(task.name, 0) + 1
             if pred.parsed and not label_sentence_ended(task, row["output"]):
-                pred = ParseResult([], False)
-        scored.append({**row, "pred_labels": pred.labels, "parsed": pred.parsed, "parser": mode})
+                pred = ParseResult([], False, reason=CUT_IN_LABEL)
+        read = {"labelled_by": pred.rule} if pred.parsed else {"labelled_by": "none", "reason": pred.reason}
+        scored.append({**row, "pred_labels": pred.labels, "parsed": pred.parsed, "parser": mode, **read})
+        counts = read_by.setdefault(task.name, {})
+        how = pred.rule if pred.parsed else f"unparsed: {pred.reason}"
+        counts[how] = counts.get(how, 0) + 1
         batch = batches.setdefault(task.name, {"pred": [], "gold": [], "parsed": [], "aspect": []})
         batch["pred"].append(pred.labels)
         batch["gold"].append(list(row["gold_labels"]))
@@ -56,8 +61,12 @@ def score(
             b = batches[name]
             metric = TaskMetrics(task, sync_on_compute=False)  # rows are gathered already: no cross-rank sum
             metric.update(b["pred"], b["gold"], b["parsed"], b["aspect"])
-            metrics.update({k: {**m, "truncated": cut.get(name, 0)} for k, m in metric.compute().items()})
+            extra = {"truncated": cut.get(name, 0), "read_by": dict(sorted(read_by[name].items()))}
+            metrics.update({k: {**m, **extra} for k, m in metric.compute().items()})
     return scored, metrics
+
+
+CUT_IN_LABEL = "cut by the token cap inside its label sentence"
 
 
 def label_sentence_ended(task: Task, output: str) -> bool:
