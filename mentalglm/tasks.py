@@ -55,12 +55,35 @@ TEMPLATE_FIELDS = (
 #   negations            a label right after one (a few characters or words later, same clause) is not predicted
 #   conclusion_markers   parser.mode=free: the text after the last one is read first (**结论**：低自杀风险)
 #   parser_idioms        phrases that are neither a label nor a negation (毫无疑问, "no doubt", "not sure")
+#   contrasts            end a negation's scope: `不是低自杀风险，而是高自杀风险`, "not stress but depression"
 #   choice_markers       after a list of lettered or numbered options, the words that state the choice
 #                        (正确答案：C, "Correct answer: C)"): the letter reads as its option's label
 PARSER_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
     "zh": {
         "explanation_markers": ("推理过程", "推理", "解释", "理由", "原因", "分析", "依据", "说明"),
-        "negations": ("不", "没有", "没", "并非", "未", "无", "毫无"),
+        "negations": (
+            "不",
+            "没有",
+            "没",
+            "并非",
+            "未",
+            "无",
+            "毫无",
+            "难以看出",
+            "看不出",
+            "算不上",
+            "谈不上",
+            "称不上",
+            "排除",
+            "缺乏",
+            "缺少",
+            "难以",
+            "难说",
+            "远非",
+            "绝非",
+            "无从",
+        ),
+        "contrasts": ("而是", "但是", "但", "却", "只是", "反而"),
         "conclusion_markers": ("结论", "综上所述", "综上", "总之", "总结", "最终答案", "最终判断", "判断结果", "答案"),
         "parser_idioms": (
             "毫无疑问",
@@ -101,7 +124,17 @@ PARSER_DEFAULTS: dict[str, dict[str, tuple[str, ...]]] = {
             "can't",
             "won't",
             "hardly",
+            "far from",
+            "rather than",
+            "instead of",
+            "lack of",
+            "lacks",
+            "lacking",
+            "absence of",
+            "free of",
+            "unlikely",
         ),
+        "contrasts": ("but", "rather", "instead", "however", "yet"),
         "conclusion_markers": ("in conclusion", "conclusion", "final answer", "answer", "verdict", "overall"),
         "parser_idioms": (
             "no doubt",
@@ -168,6 +201,7 @@ class TaskSpec:
     negations: list[str] | None = None
     conclusion_markers: list[str] | None = None
     parser_idioms: list[str] | None = None
+    contrasts: list[str] | None = None
     choice_markers: list[str] | None = None
 
 
@@ -202,6 +236,7 @@ class Task:
     negations: tuple[str, ...] | None = None
     conclusion_markers: tuple[str, ...] | None = None
     parser_idioms: tuple[str, ...] | None = None
+    contrasts: tuple[str, ...] | None = None
     choice_markers: tuple[str, ...] | None = None
     source: str = ""  # the file the task was read from (for error messages)
 

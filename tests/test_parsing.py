@@ -491,3 +491,48 @@ def test_every_reading_names_its_rule():
     assert parse_labels(cp, "该句子体现的认知路径：无。").rule == "none"
     assert parse_labels(sos, "分析：帖子很长。**结论**：低自杀风险", "free").rule == "conclusion"
     assert parse_labels(sos, "我不知道。").reason == "no label found"
+
+
+# ----------------------------------------------------------------------------- negation as scope
+WRITTEN_AS_NAMED = ["sos_hl_1k", "socialcd_3k", "cp", "dr", "dreaddit", "sad", "swmh", "t_sid", "cams"]
+
+
+def negated_text(task, cue: str, label: str) -> str:
+    if task.language == "zh":
+        return f"从帖子来看，{cue}{label}。"
+    return f"From the post, there is {cue} {label}."
+
+
+@pytest.mark.parametrize("name", WRITTEN_AS_NAMED)
+def test_every_negation_cue_scopes_over_every_label(name):
+    task = TASKS[name]
+    labels = [lab for lab in task.labels if task.kind != "hierarchical" or "-" in lab]
+    cues = task.parser_words("negations")
+    for cue in cues:
+        for label in (lab for lab in labels if lab not in cues):  # IMHI's "no" is a label and a cue
+            result = parse_labels(task, negated_text(task, cue, label), "free")
+            assert label not in result.labels, (cue, label, result)
+            if task.kind == "binary":
+                assert result.labels == [lab for lab in task.labels if lab != label], (cue, label, result)
+
+
+@pytest.mark.parametrize(
+    "name,text,labels",
+    [
+        # contrast: the negation ends at 而是 / but / rather
+        ("sos_hl_1k", "这不是低自杀风险而是高自杀风险。", ["高自杀风险"]),
+        ("socialcd_3k", "帖子并非非此即彼，但是体现了读心术。", ["读心术"]),
+        ("swmh", "The post shows no depression but suicide.", ["suicide"]),
+        ("sad", "The stressor is not school, rather work.", ["work"]),
+        # double negation
+        ("sos_hl_1k", "不能排除高自杀风险。", ["高自杀风险"]),
+        ("sos_hl_1k", "并不是没有高自杀风险。", ["高自杀风险"]),
+        # cues beyond single words
+        ("sos_hl_1k", "从帖子内容看，远非高自杀风险。", ["低自杀风险"]),
+        ("socialcd_3k", "帖子中无从判断读心术，主要体现以偏概全。", ["以偏概全"]),
+        ("swmh", "The post is far from depression; it describes ordinary stress at work.", []),
+        ("swmh", "The poster is free of suicide thoughts; the post speaks of depression.", ["depression"]),
+    ],
+)
+def test_contrast_and_double_negation_read_as_a_careful_reader_would(name, text, labels):
+    assert parse_labels(TASKS[name], text, "free").labels == labels

@@ -9,8 +9,10 @@ Rules, in order:
 3. Mask `parser_idioms` (毫无疑问, "no doubt": neither a label nor a negation), then find every occurrence of
    every label name and alias and keep non-overlapping longest matches (CP's `情感` inside `情感效应` is no hit).
    English terms need word ends (`work` is not in `homework`, `no` is not in `know`).
-4. A match right after a word of the task's `negations` (at most a few characters or words later, nothing but
-   filler between, same clause: `不是高自杀风险`, `没有读心术`, `no signs of depression`) is not predicted.
+4. A match in a negation's scope is not predicted: a word of the task's `negations` at most a few characters or
+   words before it, in the same clause, with no `contrasts` word between (`不是高自杀风险`, `难以看出有读心术`,
+   `no signs of depression`; in `不是A，而是B` and "not A but B" only A is negated); two cues in a row cancel
+   (`不能排除高自杀风险`).
 5. Single-label tasks: the earliest match wins; when every match is negated and names one label of a binary
    task, the other label (`没有高自杀风险` -> 低自杀风险). Multi-label: every match, deduplicated, in task label
    order. Hierarchical (CP): children imply their parent; a bare parent is kept only when none of its
@@ -84,6 +86,7 @@ class _Vocab:
     none_word: re.Pattern | None
     order: dict[str, int]
     choices: re.Pattern | None  # the choice_markers words
+    contrast: re.Pattern | None  # the contrasts words: they end a negation's scope
 
 
 @lru_cache(maxsize=1)
@@ -187,16 +190,20 @@ def _vocab(task: Task) -> _Vocab:
 
 
 def _words_regex(task: Task, words) -> str:
-    """An alternation of normalised words, longest first; ASCII words only at word ends."""
+    """An alternation of normalised words, longest first; ASCII words only at word ends. The words starting with
+    a letter share one left-boundary test behind a first-character check: a lookbehind per word made a scan of
+    a sentence cost tens of microseconds."""
     forms = sorted({_norm_term(task, w) for w in words if w.strip()}, key=lambda w: (-len(w), w))
-    parts = []
-    for w in forms:
-        body = r"\s+".join(re.escape(x) for x in w.split(" "))
-        if _is_word_char(w[0]):
-            body = r"(?<![0-9A-Za-z])" + body
-        if _is_word_char(w[-1]):
-            body += r"(?![0-9A-Za-z])"
-        parts.append(body)
+
+    def body(w: str) -> str:
+        out = r"\s+".join(re.escape(x) for x in w.split(" "))
+        return out + r"(?![0-9A-Za-z])" if _is_word_char(w[-1]) else out
+
+    bounded = [w for w in forms if _is_word_char(w[0])]
+    parts = [body(w) for w in forms if not _is_word_char(w[0])]
+    if bounded:
+        first = "".join(sorted({re.escape(w[0]) for w in bounded}))
+        parts.append(rf"(?=[{first}])(?<![0-9A-Za-z])(?:" + "|".join(body(w) for w in bounded) + ")")
     return "|".join(parts)
 
 
@@ -245,6 +252,7 @@ def _build_vocab(task: Task) -> _Vocab:
         none_word,
         task.label_order,
         re.compile(choices) if (choices := _words_regex(task, task.parser_words("choice_markers"))) else None,
+        re.compile(contrast) if (contrast := _words_regex(task, task.parser_words("contrasts"))) else None,
     )
 
 
@@ -318,20 +326,31 @@ def _find(vocab: _Vocab, text: str) -> list[tuple[str, int, int]]:
     return [(vocab.targets[" ".join(text[s:e].split())], s, e) for s, e in chosen]
 
 
+def _gap(task: Task, text: str) -> int:
+    return len(text.split()) if task.language == "en" else len("".join(text.split()))
+
+
 def _negated(task: Task, vocab: _Vocab, text: str, start: int, previous_end: int, clause_ends: list[int]) -> bool:
-    """Whether a negation word stands shortly before `start`, after the previous match and in the same clause."""
+    """Whether a negation governs the label at `start`: a cue shortly before it, after the previous match, in the
+    same clause and after any contrast word (`不是A，而是B`, "not A but B"); two cues in a row cancel
+    (`不能排除`, "not unlikely")."""
     if vocab.negation is None:
         return False
     i = bisect.bisect_left(clause_ends, start)
     lo = max(previous_end, clause_ends[i - 1] + 1 if i else 0)
-    last = None
-    for m in vocab.negation.finditer(text, lo, start):
-        last = m
-    if last is None:
+    cues = list(vocab.negation.finditer(text, lo, start))
+    if cues and vocab.contrast is not None:
+        for m in vocab.contrast.finditer(text, lo, start):
+            if not any(c.start() <= m.start() < c.end() for c in cues):  # "rather" of "rather than" is a cue
+                cues = [c for c in cues if c.start() >= m.end()]
+    if not cues or _gap(task, text[cues[-1].end() : start]) > NEGATION_GAP[task.language]:
         return False
-    gap = text[last.end() : start]
-    size = len(gap.split()) if task.language == "en" else len("".join(gap.split()))
-    return size <= NEGATION_GAP[task.language]
+    chained = 1  # cues each within two characters / one word of the next negate each other
+    while chained < len(cues) and _gap(task, text[cues[-chained - 1].end() : cues[-chained].start()]) <= (
+        1 if task.language == "en" else 2
+    ):
+        chained += 1
+    return chained % 2 == 1
 
 
 def _mask_idioms(vocab: _Vocab, text: str) -> str:
