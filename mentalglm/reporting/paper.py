@@ -68,6 +68,12 @@ def _source_of(path: Path, metrics: Mapping) -> dict | None:
     return None
 
 
+def _short(path: str) -> str:
+    """A path as typed from the working directory where it lies under it."""
+    here = Path.cwd()
+    return str(Path(path).relative_to(here)) if Path(path).is_relative_to(here) else path
+
+
 def data_line(row: Mapping, columns: Mapping[str, str]) -> str:
     """One line saying what a row of yours stands on: its data, split, files and n per column."""
     source, stated = row.get("source"), row.get("data")
@@ -75,7 +81,7 @@ def data_line(row: Mapping, columns: Mapping[str, str]) -> str:
         what = str(stated)
     elif source:
         shown = [t for t in source.get("files") or {} if any(k == t or k.startswith(f"{t}_") for k in columns)]
-        files = sorted({str(source["files"][t]) for t in shown if source["files"][t]})
+        files = sorted({_short(str(source["files"][t])) for t in shown if source["files"][t]})
         answers = f", {source['answers']} answers" if source.get("answers") else ""
         what = f"data={source.get('name')}{answers}, {source.get('split')} split: {', '.join(files) or '-'}"
     else:
