@@ -97,6 +97,7 @@ def test_outputs_are_written_only_through_the_atomic_helpers():
         "mentalglm/fixtures/make_fixtures.py",
         "mentalglm/models/tiny.py",
         "mentalglm/serving/vllm.py",
+        "mentalglm/commands/paper_chain.py",  # chain.log: each step's output appended as the step runs
     }
     plain = re.compile(r"\.write_text\(|\.write_bytes\(|open\([^)]*['\"][wa]b?['\"]|\.savefig\([^b]|json\.dump\(")
     for path in sorted((ROOT / "mentalglm").rglob("*.py")):
