@@ -21,9 +21,7 @@ stop) sends no request twice and writes the same files byte for byte. Logs hold 
 from __future__ import annotations
 
 import asyncio
-import csv
 import datetime as dt
-import io
 import logging
 import time
 from collections import Counter, defaultdict
@@ -36,7 +34,7 @@ from mentalglm.config import TeacherConfig, as_config
 from mentalglm.data.io import DataError, read_text
 from mentalglm.data.splits import SPLITS
 from mentalglm.errors import ConfigError, PredictionsError
-from mentalglm.fileio.atomic import csv_text, dumps_json, jsonl_text, write_files_atomic
+from mentalglm.fileio.atomic import csv_text, dumps_json, jsonl_text, read_csv, write_files_atomic
 from mentalglm.runtime.builders import build_tasks, load_splits, selected_tasks
 from mentalglm.scoring.parsing import explanation_part, parse_labels
 from mentalglm.tasks import TASKS, Task
@@ -439,15 +437,15 @@ def merge(cfg: DictConfig) -> dict:
         text = read_text(sheet_path, newlines=False)
     except DataError as e:
         raise PredictionsError(str(e)) from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    missing = [f for f in ("split", "task", "id", "aspect", "revised_answer") if f not in (reader.fieldnames or [])]
+    fieldnames, sheet_rows = read_csv(text)
+    missing = [f for f in ("split", "task", "id", "aspect", "revised_answer") if f not in fieldnames]
     if missing:
         raise PredictionsError(f"{sheet_path}:1: missing columns {missing} (the sheet build_data.py wrote has them)")
     merged: dict[str, list[dict]] = defaultdict(list)
     earlier = merged_before(run, report)
     done, left, again, seen = [], 0, 0, {}
     # Rows are named as a spreadsheet shows them (the header is row 1), not by file line: a cell may span lines.
-    for row_no, row in enumerate(reader, start=2):
+    for row_no, row in enumerate(sheet_rows, start=2):
         where = f"{sheet_path}: row {row_no}"
         key = (row["split"], row["task"], row["id"], row["aspect"] or "")
         if key in seen:

@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 from omegaconf import OmegaConf
 
-from mentalglm.fileio.atomic import csv_text, write_files_atomic
+from mentalglm.fileio.atomic import csv_text, read_csv, write_files_atomic
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE3 = {"s1": "MentalGLM-chat-S1", "s2": "MentalGLM-chat-S2", "full": "MentalGLM-chat"}
@@ -103,9 +103,6 @@ def start_teacher(port: int, log: Path) -> subprocess.Popen:
 def revise(build: Path) -> int:
     """The experts' part, played by the fixture rules: every row of the revision sheet gets the answer an expert
     writes (the gold label sentence, the marker, the evidence). Returns how many rows were revised."""
-    import csv
-    import io
-
     from mentalglm.commands.build_data import SHEET_FIELDS
     from mentalglm.fixtures.teacher import expert_answer
     from mentalglm.tasks import TASKS
@@ -113,7 +110,7 @@ def revise(build: Path) -> int:
     sheet = build / "revision.csv"
     if not sheet.is_file():
         return 0
-    rows = list(csv.DictReader(io.StringIO(sheet.read_text(encoding="utf-8"), newline="")))
+    _, rows = read_csv(sheet.read_text(encoding="utf-8"))
     for row in rows:
         task = TASKS[row["task"]]
         row["revised_answer"] = expert_answer(task, row["post"], row["gold"].split(task.label_joiner))

@@ -2,38 +2,25 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
-import socket
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from mentalglm.config import ServeSettings, as_config
 from mentalglm.errors import ConfigError
+from mentalglm.network import is_loopback_host
 from mentalglm.runtime.builders import build_predictor, build_tasks, resolve_adapter, selected_tasks
 
 log = logging.getLogger(__name__)
 BACKENDS = ("hf", "vllm")
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-        except (OSError, ValueError):
-            return False
-
-
 def api_key(settings: ServeSettings) -> str | None:
     """The key clients must send; required (from the environment) whenever the server listens beyond loopback."""
     key = os.environ.get(settings.api_key_env) or None
-    if key is None and not is_loopback(settings.host):
+    if key is None and not is_loopback_host(settings.host):
         raise ConfigError(
             f"serve.host={settings.host} is reachable beyond this machine: set an API key in the "
             f"environment ({settings.api_key_env}=...); clients send it as Authorization: Bearer <key>"

@@ -10,8 +10,6 @@ dimension (quadratic-weighted Cohen's kappa for two raters, Krippendorff's alpha
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import random
 import statistics
@@ -21,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mentalglm.errors import ConfigError
+from mentalglm.fileio.atomic import read_csv
 
 KEY_FIELDS = ("code", "model", "task", "id", "aspect")
 ITEM_FIELDS = ("code", "task", "aspect", "post", "answer")
@@ -152,9 +151,7 @@ def read_csv_rows(path: Path) -> tuple[list[str], list[dict]]:
         text = read_text(path, newlines=False)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    rows = list(reader)
-    return list(reader.fieldnames or []), rows
+    return read_csv(text)
 
 
 def read_key(path: Path) -> dict[str, dict]:

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from mentalglm.errors import ConfigError
 from mentalglm.expert import kit
+from mentalglm.network import is_loopback_host
 
 log = logging.getLogger(__name__)
 DATABASE = "ratings.sqlite"
@@ -145,7 +146,7 @@ def serve_rating_page(cfg: DictConfig, dims: Sequence[kit.Dimension]) -> None:
         known = sorted(p.stem for p in (run / "sheets").glob("*.csv"))
         raise ConfigError(f"rater={cfg.rater}: no sheet {sheet} (raters of this sample: {', '.join(known) or 'none'})")
     app = create_rating_app(sheet, RatingStore(run / DATABASE, str(cfg.rater)), dims, NOTICE)
-    if str(cfg.host) not in ("127.0.0.1", "localhost", "::1"):
+    if not is_loopback_host(str(cfg.host)):
         log.warning("host=%s: the posts on this sheet are served beyond this machine", cfg.host)
     log.info("rating page for %s on http://%s:%d/ (progress in %s)", cfg.rater, cfg.host, cfg.port, run / DATABASE)
     uvicorn.run(app, host=str(cfg.host), port=int(cfg.port), log_config=None, access_log=False)

@@ -93,14 +93,41 @@ def write_files_atomic(files: Mapping[str | os.PathLike, str | bytes]) -> list[P
     return [path for _, path in staged]
 
 
+# A cell a spreadsheet would run as a formula (OWASP, CSV injection): `=HYPERLINK(...)` in a post or an answer can
+# send the sheet's other cells off the machine when an expert opens it. Such a cell (and one already starting with
+# the quote, so the round trip is exact) is written behind a `'`, which spreadsheets show as text.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutral_cell(value):
+    if isinstance(value, str) and value.startswith((*FORMULA_START, "'")):
+        return "'" + value
+    return value
+
+
+def plain_cell(value: str) -> str:
+    """The value neutral_cell was given (a cell read back from a sheet the project wrote)."""
+    if len(value) > 1 and value[0] == "'" and value[1] in (*FORMULA_START, "'"):
+        return value[1:]
+    return value
+
+
 def csv_text(fieldnames, rows: list[dict]) -> str:
-    """RFC 4180 CSV: CRLF row ends are what spreadsheets expect, and they make the writer quote a teacher's answer
-    holding a lone CR, which would otherwise end the row for every reader."""
+    """RFC 4180 CSV for spreadsheets: CRLF row ends are what they expect, and they make the writer quote a teacher's
+    answer holding a lone CR, which would otherwise end the row for every reader; formula-like cells neutralised
+    (read back with read_csv)."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fieldnames, lineterminator="\r\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: neutral_cell(v) for k, v in row.items()} for row in rows)
     return buf.getvalue()
+
+
+def read_csv(text: str) -> tuple[list[str], list[dict]]:
+    """(field names, rows) of a sheet csv_text wrote (and a person may have edited), cells as they were given."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = [{k: plain_cell(v) if isinstance(v, str) else v for k, v in row.items()} for row in reader]
+    return list(reader.fieldnames or []), rows
 
 
 def dumps_json(obj, indent: int | None = 2) -> str:

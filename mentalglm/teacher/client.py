@@ -19,8 +19,7 @@ from urllib.parse import urlparse
 
 from mentalglm.config import TeacherConfig
 from mentalglm.errors import UserError
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+from mentalglm.network import is_loopback_host
 
 
 class TeacherError(UserError):
@@ -28,8 +27,11 @@ class TeacherError(UserError):
 
 
 def is_loopback(base_url: str) -> bool:
-    host = urlparse(base_url).hostname or ""
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
+    try:
+        host = urlparse(base_url).hostname
+    except ValueError:  # a malformed URL (an unclosed "[") is no address on this machine
+        return False
+    return is_loopback_host(host)
 
 
 def check_destination(cfg: TeacherConfig) -> None:

