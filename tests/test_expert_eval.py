@@ -187,6 +187,7 @@ def test_sample_blind_rate_and_aggregate_end_to_end(run_cli, tmp_path):
         (["size=1000"], "size=1000, but the split holds only 60 items"),
         (["+per_task.dr=3"], "per_task names ['dr'], which no predictions file answers"),
         (["raters=[a,a]"], "raters must be distinct names"),
+        (["raters=[r1,../../escape]"], "raters: '../../escape' is not a plain name"),
         (["action=judge"], "action='judge' is not one of sample, rate, aggregate"),
     ):
         proc = run_cli(*args, f"output_dir={bad}", *extra, check=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -76,12 +77,25 @@ def draw_items(keys_by_task: Mapping[str, Sequence[tuple]], counts: Mapping[str,
     return chosen
 
 
+RATER_NAME = re.compile(r"[^\W_][\w.-]{0,63}")  # letters (any script), digits, _ . -
+
+
+def check_rater(name, key: str = "rater") -> None:
+    """A rater's name becomes a file name (sheets/<rater>.csv): letters, digits, `_`, `.`, `-`, no path."""
+    if not isinstance(name, str) or not RATER_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(
+            f"{key}: {name!r} is not a plain name (letters, digits, '_', '.', '-': it names the rater's sheet file)"
+        )
+
+
 def blind(
     items: Sequence[dict], models: Sequence[str], raters: Sequence[str], seed: int
 ) -> tuple[list[dict], dict[str, list[dict]]]:
     """(key rows, {rater: sheet rows}). `items` hold task, id, aspect, post and {model: answer} in `answers`."""
     if len(set(raters)) != len(raters) or not raters:
         raise ConfigError(f"raters must be distinct names, got {list(raters)}")
+    for name in raters:
+        check_rater(name, "raters")
     rng = random.Random(seed)
     codes: set[str] = set()
     key, rows = [], []

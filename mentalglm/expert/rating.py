@@ -141,6 +141,7 @@ def serve_rating_page(cfg: DictConfig, dims: Sequence[kit.Dimension]) -> None:
     if not cfg.run_dir or not cfg.rater:
         raise ConfigError("action=rate needs run_dir=PATH (the folder action=sample wrote) and rater=NAME")
     run = Path(str(cfg.run_dir))
+    kit.check_rater(cfg.rater)
     sheet = run / "sheets" / f"{cfg.rater}.csv"
     if not sheet.is_file():
         known = sorted(p.stem for p in (run / "sheets").glob("*.csv"))
