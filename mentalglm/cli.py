@@ -52,10 +52,18 @@ def run_entry_point(main: Callable[[], object], argv: Iterable[str] | None = Non
         fail(error)
     # Hydra then raises composition errors instead of printing its own multi-line report: caught below.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    from mentalglm.tracking import MaskedStream, command_line_secrets
+
+    secrets = command_line_secrets(argv)
+    stderr = sys.stderr
+    if secrets:  # Hydra's own failure line repeats the overrides: a key given on the command line is masked there
+        sys.stderr = MaskedStream(stderr, secrets)
     try:
         main()
     except _user_errors() as e:
         fail(e)
+    finally:
+        sys.stderr = stderr
 
 
 def log_user_error(error: BaseException) -> None:

@@ -13,9 +13,50 @@ log = logging.getLogger(__name__)
 # Config keys whose values are credentials (matched as parts of the key, case-insensitively).
 # A key names a credential when its last word does (hf_token, openai_api_key, client_secret): max_new_tokens and
 # pad_token are settings, not credentials.
-SECRET_KEY_WORDS = ("token", "apikey", "secret", "password", "passwd", "credentials")
+SECRET_KEY_WORDS = (
+    "token",
+    "apikey",
+    "secret",
+    "secrets",
+    "password",
+    "passwd",
+    "credential",
+    "credentials",
+    "auth",
+    "key",  # openai_key, wandb_key: a key names a credential unless it is one of the settings below
+    "keys",
+)
 SECRET_KEY_PAIRS = ("api_key", "access_key", "private_key", "secret_key", "auth_key")
-NOT_SECRET_KEYS = ("pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token")
+NOT_SECRET_KEYS = (
+    "pad_token",
+    "eos_token",
+    "bos_token",
+    "unk_token",
+    "sep_token",
+    "cls_token",
+    "mask_token",
+    "key",  # expert_eval's key file (key.csv): a path
+    "keys",
+    "secret_keys",  # the names of more secret keys, not secrets
+    "sort_key",
+    "metric_key",
+    "metric_keys",
+    "monitor_key",
+    "cache_key",
+)
+# Values shaped like common API keys are secrets whatever their key is called (OpenAI/DeepSeek `sk-...`, Hugging
+# Face `hf_...`); 40 hex digits (a W&B key) only under a key naming a key or W&B (a commit hash is not a secret).
+KEY_SHAPE = re.compile(r"(?:sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,})")
+HEX40 = re.compile(r"[0-9a-f]{40}")
+
+
+def looks_like_a_key(value: str, key: str = "") -> bool:
+    value = value.strip().strip("'\"")
+    if KEY_SHAPE.fullmatch(value):
+        return True
+    return bool(HEX40.fullmatch(value)) and any(w in key.lower() for w in ("key", "wandb", "token"))
+
+
 MASK = "***"
 
 
@@ -142,10 +183,16 @@ def config_secrets(cfg) -> frozenset[str]:
             for k, v in node.items():
                 if is_secret_key(k, extra) and isinstance(v, (str, int, float)) and str(v) not in ("", "None"):
                     found.add(str(v))
+                elif is_secret_key(k, extra) and isinstance(v, list):  # api_keys=[...]
+                    found.update(str(x) for x in v if isinstance(x, (str, int)) and str(x))
+                elif isinstance(v, str) and looks_like_a_key(v, str(k)):  # a key pasted under any name
+                    found.add(v)
                 else:
                     walk(v)
         elif isinstance(node, list):
             for v in node:
+                if isinstance(v, str) and looks_like_a_key(v):
+                    found.add(v)
                 walk(v)
 
     walk(data)
@@ -159,6 +206,53 @@ def loggable_config(cfg) -> dict:
 
     extra = frozenset(str(k).lower() for k in (cfg.get("secret_keys") or []))
     return redact_secrets(OmegaConf.to_container(cfg, resolve=True), config_secrets(cfg), extra)
+
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_env_name(key: str, name: str | None) -> None:
+    """A `*_env` setting names an environment variable; a key pasted there instead is refused without echoing it."""
+    from mentalglm.errors import ConfigError
+
+    if name and (looks_like_a_key(name) or not ENV_NAME.fullmatch(name)):
+        raise ConfigError(
+            f"{key}={MASK}: not the name of an environment variable (it looks like a key itself); put the key in "
+            f"an environment variable, e.g. export MY_KEY=..., and give {key}=MY_KEY"
+        )
+
+
+def command_line_secrets(argv) -> frozenset[str]:
+    """The secrets an entry point's command line holds (credential-like keys, key-shaped values), and the
+    environment's: known before Hydra runs, so even its own failure line is masked."""
+    found = set(environment_secrets())
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.lstrip("+~").split("=", 1)
+        value = value.strip().strip("'\"")
+        if not value:
+            continue
+        if is_secret_key(key.rsplit(".", 1)[-1]):
+            found.add(value)
+            if value.startswith("[") and value.endswith("]"):
+                found.update(v.strip().strip("'\"") for v in value[1:-1].split(",") if v.strip())
+        elif looks_like_a_key(value, key):
+            found.add(value)
+    return frozenset(s for s in found if len(s) >= 4)
+
+
+class MaskedStream:
+    """A text stream that masks known secrets in what is written to it (stderr around Hydra)."""
+
+    def __init__(self, stream, secrets: frozenset[str]):
+        self._stream, self._secrets = stream, secrets
+
+    def write(self, text: str) -> int:
+        return self._stream.write(mask_text(text, self._secrets))
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def mask_text(text: str, secrets: frozenset[str]) -> str:

@@ -95,3 +95,56 @@ def test_a_teacher_url_that_only_looks_local_stops_in_one_line(run_cli):
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert lines[-1].startswith("error: teacher.base_url=http://127.0.0.1.attacker.invalid:8761/v1 is not on this")
+
+
+# ----------------------------------------------------------------------------- credentials under any name
+PLANTED = {
+    "openai_key": "PLANTED-openai-key-under-a-new-name",
+    "wandb_key": "0123456789abcdef0123456789abcdef01234567",
+    "pasted": "sk-PLANTEDpastedUnderAnyName0123456789",
+    "hf": "hf_PLANTEDinAListOfSomething0123",
+    "listed": "PLANTED-first-of-two-api-keys",
+}
+
+
+def planted_overrides() -> list[str]:
+    return [
+        f"+openai_key={PLANTED['openai_key']}",
+        f"+wandb_key={PLANTED['wandb_key']}",
+        f"+some_setting={PLANTED['pasted']}",
+        f"+api_keys=[{PLANTED['listed']},{PLANTED['hf']}]",
+    ]
+
+
+def leaks(texts: dict[str, bytes]) -> list[tuple[str, str]]:
+    return [(name, key) for name, data in texts.items() for key, value in PLANTED.items() if value.encode() in data]
+
+
+def test_credentials_under_any_name_are_in_no_file_and_no_message(run_cli, tmp_path):
+    import json
+
+    preds = tmp_path / "p.jsonl"
+    rows = [{"task": "sos_hl_1k", "id": "a", "output": "该帖子的发布者有高自杀风险。", "labels": ["高自杀风险"]}]
+    preds.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    ok = run_cli("evaluate.py", f"predictions={preds}", *planted_overrides())
+    # A failing run: Hydra's own "Error executing job with overrides: [...]" line repeats the command line.
+    failed = run_cli("evaluate.py", f"predictions={tmp_path / 'missing.jsonl'}", *planted_overrides(), check=False)
+    assert failed.returncode == 2 and "Error executing job with overrides" in failed.stderr
+    files = {str(p): p.read_bytes() for p in (tmp_path / "outputs").rglob("*") if p.is_file()}
+    assert any("/.hydra/" in name for name in files)
+    console = {"stdout": (ok.stdout + failed.stdout).encode(), "stderr": (ok.stderr + failed.stderr).encode()}
+    assert not leaks(files) and not leaks(console)
+
+
+def test_a_key_pasted_as_an_environment_variable_name_is_refused_unechoed(run_cli):
+    proc = run_cli(
+        "build_data.py",
+        "data=fixtures_label_only",
+        "expert_examples=fixtures",
+        f"teacher.api_key_env={PLANTED['pasted']}",
+        "teacher.base_url=http://127.0.0.1:9/v1",
+        check=False,
+    )
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: teacher.api_key_env=***: not the name of an environment")
+    assert PLANTED["pasted"] not in proc.stderr + proc.stdout

@@ -12,6 +12,7 @@ from mentalglm.config import ServeSettings, as_config
 from mentalglm.errors import ConfigError
 from mentalglm.network import is_loopback_host
 from mentalglm.runtime.builders import build_predictor, build_tasks, resolve_adapter, selected_tasks
+from mentalglm.tracking import check_env_name
 
 log = logging.getLogger(__name__)
 BACKENDS = ("hf", "vllm")
@@ -19,6 +20,7 @@ BACKENDS = ("hf", "vllm")
 
 def api_key(settings: ServeSettings) -> str | None:
     """The key clients must send; required (from the environment) whenever the server listens beyond loopback."""
+    check_env_name("serve.api_key_env", settings.api_key_env)
     key = os.environ.get(settings.api_key_env) or None
     if key is None and not is_loopback_host(settings.host):
         raise ConfigError(

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 from mentalglm.config import TeacherConfig
 from mentalglm.errors import UserError
 from mentalglm.network import is_loopback_host
+from mentalglm.tracking import check_env_name
 
 
 class TeacherError(UserError):
@@ -48,6 +49,7 @@ def api_key(cfg: TeacherConfig) -> str:
     """The key from the environment variable the config names (never from a file a run writes)."""
     if not cfg.api_key_env:
         return "none"
+    check_env_name("teacher.api_key_env", cfg.api_key_env)
     key = os.environ.get(cfg.api_key_env)
     if key:
         return key
