@@ -221,8 +221,16 @@ def test_empty_file(tmp_path):
     assert "empty.csv" in str(e.value) and "line 1" in str(e.value)
 
 
-def test_header_only_file_gives_no_records(tmp_path):
-    assert load_records(None, write(tmp_path, "h.csv", SOS_HEAD)) == []
+@pytest.mark.parametrize("fixture", ["sos_hl_1k/suicide_val_LLM.csv", "socialcd_3k/test_data_with_header.tsv"])
+def test_a_header_only_file_is_as_empty_as_an_empty_file(tmp_path, fixture):
+    # 0 test items must not pass for a result (a train_classifier run once wrote metrics without a test split)
+    header = (FIXTURES_DIR / fixture).read_bytes().splitlines(keepends=True)[0]
+    path = tmp_path / fixture.split("/")[-1]
+    path.write_bytes(header)
+    with pytest.raises(DataError, match="a header and no rows") as e:
+        load_records(None, path)
+    assert path.name in str(e.value) and "line 1" in str(e.value)
+    assert load_records(None, write(tmp_path, "h.csv", SOS_HEAD + "1\t0\t好累\r\n"))  # one row: fine
 
 
 # ----------------------------------------------------------------------------- SOS-HL-1K BERT

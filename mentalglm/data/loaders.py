@@ -94,10 +94,11 @@ def _implied_task(fmt: Format, registry: Mapping[str, Task], templates: Mapping)
 
 def _collect(ctx: Ctx, rows, on_error: str, report: LoadReport | None) -> list[dict]:
     records, seen = [], {}
-    n = 0
+    n, header = 0, False
     for line, row in rows:
         if line == 0:  # the header
             ctx.fmt.header(ctx, row)
+            header = True
             continue
         n += 1  # data row number, bad rows included, so ids do not shift when skipping
         try:
@@ -109,6 +110,8 @@ def _collect(ctx: Ctx, rows, on_error: str, report: LoadReport | None) -> list[d
             records.append(rec)
         except DataError as err:
             handle(err, on_error, report)
+    if header and n == 0:  # as empty as an empty file: 0 test items must not pass as a result
+        raise DataError(Path(ctx.file), "a header and no rows", line=1)
     if report is not None:
         report.loaded[ctx.file] += len(records)
     return records
