@@ -148,3 +148,14 @@ def test_a_key_pasted_as_an_environment_variable_name_is_refused_unechoed(run_cl
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("error: teacher.api_key_env=***: not the name of an environment")
     assert PLANTED["pasted"] not in proc.stderr + proc.stdout
+
+
+def test_predict_keeps_ids_as_given(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mentalglm.commands.predict import read_items
+
+    path = tmp_path / "posts.jsonl"
+    path.write_text('{"id": 0, "text": "帖子一"}\n{"id": 1, "text": "帖子二"}\n{"text": "帖子三"}\n', encoding="utf-8")
+    cfg = OmegaConf.create({"input": str(path), "task": "sos_hl_1k", "text_field": "text", "id_field": "id"})
+    assert [item["id"] for item in read_items(cfg, ["sos_hl_1k"])] == ["0", "1", "3"]  # the third: its row number

@@ -63,7 +63,8 @@ def read_items(cfg: DictConfig, task_names: list[str]) -> list[dict]:
                 f"{where}: field 'task': {task!r} is not a task of this run ({', '.join(task_names)}); "
                 "give each row a task or task=... for the whole file"
             )
-        item_id = str(row.get(cfg.id_field) or n)
+        given = row.get(cfg.id_field)
+        item_id = str(n) if given is None or given == "" else str(given)  # an id of 0 is an id
         aspect = row.get("aspect") or cfg.get("aspect") or ""
         key = (task, item_id, aspect)
         if key in seen:
