@@ -159,3 +159,17 @@ def test_predict_keeps_ids_as_given(tmp_path):
     path.write_text('{"id": 0, "text": "帖子一"}\n{"id": 1, "text": "帖子二"}\n{"text": "帖子三"}\n', encoding="utf-8")
     cfg = OmegaConf.create({"input": str(path), "task": "sos_hl_1k", "text_field": "text", "id_field": "id"})
     assert [item["id"] for item in read_items(cfg, ["sos_hl_1k"])] == ["0", "1", "3"]  # the third: its row number
+
+
+def test_a_copy_differing_only_by_invisible_characters_is_a_leak():
+    from mentalglm.data.splits import check_leaks
+
+    def record(text: str) -> dict:
+        return {"query": text, "post_start": 0, "post_end": len(text)}
+
+    post = "最近总是失眠，ＡＢＣ都不想做"
+    copies = [post.replace("失眠", "失\u200b眠"), post.replace("ＡＢＣ", "ABC"), "\ufeff" + post + "\u2060"]
+    for copy in copies:
+        found = check_leaks("sos_hl_1k", {"train": [record(post)], "test": [record(copy)]})
+        assert found == {"train/test": 1}, copy
+    assert check_leaks("sos_hl_1k", {"train": [record(post)], "test": [record(post + "。")]}) == {}

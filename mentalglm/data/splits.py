@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import random
+import unicodedata
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -136,9 +137,20 @@ def post_of(record: dict) -> str:
     return " ".join(text.split())
 
 
+# Characters that change no reading of a post: a copy differing only by them is the same post.
+INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"))
+
+
+def leak_key(record: dict) -> str:
+    """What two copies of a post share: NFKC-normalised (full-width -> half-width), zero-width characters and
+    soft hyphens removed, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", post_of(record)).translate(INVISIBLE)
+    return hashlib.sha256(" ".join(text.split()).encode()).hexdigest()
+
+
 def check_leaks(key: str, splits: Mapping[str, list[dict]], on_leak: str = "warn") -> dict[str, int]:
     """Posts of a task that occur in two of its splits, counted per pair (no post text is ever shown)."""
-    hashes = {s: {hashlib.sha256(post_of(r).encode()).hexdigest() for r in rows} for s, rows in splits.items()}
+    hashes = {s: {leak_key(r) for r in rows} for s, rows in splits.items()}
     found = {}
     for i, a in enumerate(SPLITS):
         for b in SPLITS[i + 1 :]:
