@@ -173,3 +173,16 @@ def test_a_copy_differing_only_by_invisible_characters_is_a_leak():
         found = check_leaks("sos_hl_1k", {"train": [record(post)], "test": [record(copy)]})
         assert found == {"train/test": 1}, copy
     assert check_leaks("sos_hl_1k", {"train": [record(post)], "test": [record(post + "。")]}) == {}
+
+
+def test_a_lone_surrogate_in_a_predictions_file_is_one_error_naming_the_line(run_cli, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        '{"task": "sos_hl_1k", "id": "a", "output": "高自杀风险 \\ud83d\\ude00", "labels": ["高自杀风险"]}\n'
+        '{"task": "sos_hl_1k", "id": "b", "output": "broken \\ud800 text", "labels": ["高自杀风险"]}\n',
+        encoding="utf-8",
+    )
+    proc = run_cli("evaluate.py", f"predictions={path}", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith(f"error: {path}:2: a lone surrogate escape"), last

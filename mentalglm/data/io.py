@@ -244,6 +244,9 @@ def read_text(path, *, on_error: str = "raise", report: LoadReport | None = None
     return text.replace("\r\n", "\n") if newlines else text
 
 
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
 def json_lines(path, text: str, error: type[UserError]) -> Iterator[tuple[int, object]]:
     """(line number, value) of each non-blank line of a JSONL text, any line ends; a line that is not JSON raises
     `error` naming the file, line and column."""
@@ -255,6 +258,14 @@ def json_lines(path, text: str, error: type[UserError]) -> Iterator[tuple[int, o
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as e:
             raise error(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+        if SURROGATE_ESCAPE.search(line):  # "\ud800" alone is valid JSON but no text: it fails every later write
+            try:
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise error(
+                    f"{path}:{lineno}: a lone surrogate escape (\\ud800-\\udfff without its pair): not text"
+                ) from None
+        yield lineno, value
