@@ -39,3 +39,10 @@ def is_loopback_host(host: str | None) -> bool:
     except (OSError, UnicodeError):
         return False  # a name that does not resolve is not this machine
     return bool(addresses) and all(_loopback_ip(a.split("%")[0]) for a in addresses)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (for a server this process starts there)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

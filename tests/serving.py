@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import httpx
 from conftest import ROOT, cli_env
+
+from mentalglm.network import free_port
 
 MODEL = ["model=tiny_glm", "data=fixtures"]
 
@@ -34,12 +35,6 @@ def make_adapter(cache: Path, out: Path, seed: int = 0) -> Path:
             p.data = torch.randn(p.shape, generator=g) * 0.5
     model.save_pretrained(out)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

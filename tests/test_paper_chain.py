@@ -12,7 +12,8 @@ from conftest import ROOT, cli_env
 from omegaconf import OmegaConf
 
 from mentalglm.data.loaders import load_records
-from mentalglm.fixtures.teacher import NO_LABEL, answer, expert_answer
+from mentalglm.fixtures.make_fixtures import fixture_answer
+from mentalglm.fixtures.teacher import NO_LABEL, answer
 from mentalglm.tasks import TASKS
 from mentalglm.teacher import prompts as P
 
@@ -53,7 +54,7 @@ def test_the_fixture_teacher_answers_nothing_it_cannot_read():
     assert answer(explain_prompt(foreign), 0) == NO_LABEL  # not a fixture post: no evidence to quote
     assert answer("Translate this text.", 0) == NO_LABEL
     task = TASKS[record["task"]]
-    assert expert_answer(task, P.raw_post(record), record["labels"]) == record["answer"]
+    assert fixture_answer(task, P.raw_post(record), record["labels"]) == record["answer"]
 
 
 @pytest.mark.slow

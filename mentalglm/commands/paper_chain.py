@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import httpx
 from omegaconf import OmegaConf
 
 from mentalglm.fileio.atomic import csv_text, read_csv, write_files_atomic
+from mentalglm.network import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE3 = {"s1": "MentalGLM-chat-S1", "s2": "MentalGLM-chat-S2", "full": "MentalGLM-chat"}
@@ -39,12 +39,6 @@ QUIET = ["callbacks.progress_bar=null", "trainer.enable_progress_bar=false"]
 
 class ChainError(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shown(path: Path) -> str:
@@ -104,7 +98,7 @@ def revise(build: Path) -> int:
     """The experts' part, played by the fixture rules: every row of the revision sheet gets the answer an expert
     writes (the gold label sentence, the marker, the evidence). Returns how many rows were revised."""
     from mentalglm.commands.build_data import SHEET_FIELDS
-    from mentalglm.fixtures.teacher import expert_answer
+    from mentalglm.fixtures.make_fixtures import fixture_answer
     from mentalglm.tasks import TASKS
 
     sheet = build / "revision.csv"
@@ -113,7 +107,7 @@ def revise(build: Path) -> int:
     _, rows = read_csv(sheet.read_text(encoding="utf-8"))
     for row in rows:
         task = TASKS[row["task"]]
-        row["revised_answer"] = expert_answer(task, row["post"], row["gold"].split(task.label_joiner))
+        row["revised_answer"] = fixture_answer(task, row["post"], row["gold"].split(task.label_joiner))
     write_files_atomic({sheet: csv_text(SHEET_FIELDS, rows)})
     return len(rows)
 

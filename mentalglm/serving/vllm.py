@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import httpx
 
 from mentalglm.config import VLLMConfig
 from mentalglm.errors import ConfigError
+from mentalglm.network import free_port
 from mentalglm.runtime.generation import cut_at_stop_strings, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,6 @@ def _has_vllm(python: str) -> bool:
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def on_cpu() -> bool:
