@@ -42,7 +42,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # also when run through runpy (the dry-run test)
+
+from _timing import StepTimer, sync  # noqa: E402
 
 from mentalglm.fileio.atomic import dumps_json, write_files_atomic  # noqa: E402
 
@@ -110,11 +112,6 @@ def time_cap(seconds: float):
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def peak_gib() -> float | None:
@@ -301,29 +298,6 @@ def train_figures(check: Check, model, loss_chunk: int | None = None) -> dict:
     if loss_chunk:
         figures["loss_chunk_size"] = loss_chunk
     return figures
-
-
-class StepTimer:
-    """Times the steps after `warmup` (a Lightning callback, built on first use so importing this stays light)."""
-
-    def __new__(cls, warmup: int):
-        import lightning as L
-
-        class _Timer(L.Callback):
-            def __init__(self):
-                self.warmup, self.start, self.end, self.losses = warmup, None, None, []
-
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                if batch_idx == self.warmup:
-                    sync()
-                    self.start = time.perf_counter()
-
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                sync()
-                self.end = time.perf_counter()
-                self.losses.append(float(outputs["loss"]))
-
-        return _Timer()
 
 
 def lora_bf16(check: Check) -> dict:

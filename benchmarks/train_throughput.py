@@ -33,6 +33,7 @@ from pathlib import Path
 import _common as C
 import lightning as L
 import torch
+from _timing import StepTimer
 from torch.utils.data import DataLoader
 
 from mentalglm.data.datamodule import InstructionDataModule
@@ -242,23 +243,6 @@ def ratio_rows(rows: list[tuple]) -> list[tuple]:
 
 
 # ----------------------------------------------------------------------------- (b) framework tax
-class StepTimer(L.Callback):
-    """Times the steps after `warmup` (each step's optimizer update included) and keeps the losses."""
-
-    def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.start = self.end = None
-        self.losses: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == self.warmup:
-            self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.end = time.perf_counter()
-        self.losses.append(float(outputs["loss"]))
-
-
 def lightning_run(args, tokenizer, path: Path, batches: list[dict], attn: str = "sdpa") -> tuple[float, list[float]]:
     from mentalglm.models.module import MentalGLMModule
 
