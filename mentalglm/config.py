@@ -294,6 +294,9 @@ class ServeSettings:
     # prompt); /v1/classify prompts are held to data.max_length, as the model was trained.
     max_prompt_tokens: int = 8192
     retry_after_s: int = 2
+    # A body past this is refused (413) before more of it is read: 8192 tokens of prompt are well under 1 MiB.
+    max_body_bytes: int = 1_048_576
+    max_choices: int = 8  # a request's n
 
 
 @dataclass

@@ -133,7 +133,47 @@ def test_disconnect_mid_stream_leaves_the_server_healthy(server, client):
         ),
         ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "max_tokens": 10_000}, 400, "at most 64"),
         ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
-        ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "temperature": 0.7}, 400, "greedily"),
+        ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "temperature": 3}, 400, "temperature"),
+        ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "temperature": "0.7"}, 400, "temperature"),
+        ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "logprobs": 2}, 400, "logprobs is not supported"),
+        ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+        ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "n": 99}, 400, "at most 8 (serve.max_choices)"),
+        (
+            "/v1/completions",
+            {"model": "mentalglm", "prompt": "hi", "max_tokens": 4, "max_completion_tokens": 5},
+            400,
+            "differ",
+        ),
+        ("/v1/completions", '{"model": "mentalglm", "prompt": "hi \\ud800"}', 400, "lone surrogate"),
+        ("/v1/completions", '{"model": "mentalglm", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", 400, "deep"),
+        ("/v1/completions", '{"model": "mentalglm", "prompt": "hi", "max_tokens": ' + "9" * 5000 + "}", 400, "JSON"),
+        ("/v1/completions", b'{"model": "mentalglm", "prompt": "\xff"}', 400, "not JSON"),
+        (
+            "/v1/chat/completions",
+            {
+                "model": "mentalglm",
+                "messages": [{"role": "user", "content": "hi"}],
+                "response_format": {"type": "json_object"},
+            },
+            400,
+            "response_format",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "mentalglm", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            400,
+            "text parts only",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "mentalglm", "messages": [{"role": "user", "content": "\u200b\u200d \ufeff"}]},
+            400,
+            "no user turn",
+        ),
+        ("/v1/classify", '{"task": "sos_hl_1k", "text": "\\udfff\u597d\u7d2f"}', 400, "lone surrogate"),
+        ("/v1/classify", {"task": "sos_hl_1k", "text": "好累", "model": "gpt-4"}, 404, "does not exist"),
+        ("/v1/classify", {"task": "sos_hl_1k", "text": "好累", "max_tokens": True}, 400, "max_tokens"),
         ("/v1/completions", {"model": "mentalglm"}, 400, "prompt"),
         ("/v1/chat/completions", {"model": "mentalglm", "messages": []}, 400, "messages"),
         ("/v1/chat/completions", {"model": "mentalglm", "messages": [{"role": "user", "content": ""}]}, 400, "user"),
@@ -146,7 +186,7 @@ def test_disconnect_mid_stream_leaves_the_server_healthy(server, client):
     ],
 )
 def test_bad_requests_get_a_4xx_with_a_message(server, path, body, status, message):
-    content = body if isinstance(body, str) else json.dumps(body)
+    content = body if isinstance(body, str | bytes) else json.dumps(body)
     r = httpx.post(server.url + path, content=content, headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == status, r.text
     assert message in r.json()["error"]["message"]

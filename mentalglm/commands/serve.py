@@ -33,7 +33,8 @@ def api_key(settings: ServeSettings) -> str | None:
 def serve(cfg: DictConfig) -> None:
     import uvicorn
 
-    from mentalglm.serving.app import HFBackend, VLLMBackend, create_app
+    from mentalglm.serving.app import create_app
+    from mentalglm.serving.backends import HFBackend, VLLMBackend
     from mentalglm.serving.predictor import NOTICE
 
     settings = as_config(ServeSettings, OmegaConf.to_container(cfg.serve, resolve=True))

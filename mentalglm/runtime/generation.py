@@ -6,11 +6,12 @@ generation comes from (benchmarks/README.md); `generate` returns results in the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 GLM4_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
@@ -175,15 +176,90 @@ def generate(
 
 
 # ----------------------------------------------------------------------------- rows of a serving batch
+@dataclass(frozen=True)
+class Sampling:
+    """How one serving row picks its tokens (the OpenAI parameters). The default is greedy; penalties apply to
+    greedy rows too, as OpenAI defines them (on the logits, before the choice)."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1): every token
+    seed: int | None = None  # None: a fresh random seed
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 and self.presence_penalty == 0 and self.frequency_penalty == 0
+
+
+GREEDY = Sampling()
+
+
 @dataclass
 class RowRequest:
-    """One request of a serving batch: its own token cap, stop strings, streamed text and cancellation."""
+    """One request of a serving batch: its own token cap, stop strings, sampling, streamed text and cancellation."""
 
     prompt: list[int]
     max_new_tokens: int
     stop_strings: tuple[str, ...] = ()
     on_text: Callable[[str], None] | None = None  # each new piece of the answer, as soon as it is final
     cancelled: Callable[[], bool] = lambda: False  # true: stop generating this row (client gone, timed out)
+    sampling: Sampling = GREEDY
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """One row's answer, the tokens generated for it (the end token not counted) and why it ended: `length`
+    exactly when its token cap cut it, else `stop` (end token, stop string or cancellation)."""
+
+    text: str
+    tokens: int
+    finish_reason: str
+
+
+class RowSampler(LogitsProcessor):
+    """Each sampled row draws its token from its own seeded generator (temperature, top-k, top-p, penalties
+    applied to its logits) and leaves only that token for `generate`'s greedy pick: a row's answer depends on its
+    seed alone, not on the rows it shares a batch with. Greedy rows pass through unchanged."""
+
+    def __init__(self, rows: list[RowRequest], prompt_width: int, device):
+        self.rows, self.prompt_width = rows, prompt_width
+        self.generators: list[torch.Generator | None] = []
+        for row in rows:
+            gen = None
+            if row.sampling.temperature > 0:
+                seed = row.sampling.seed if row.sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
+                gen = torch.Generator(device=device).manual_seed(seed % 2**63)
+            self.generators.append(gen)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for i, row in enumerate(self.rows):
+            s = row.sampling
+            if s.greedy:
+                continue
+            logits = scores[i].float()
+            if s.presence_penalty or s.frequency_penalty:
+                counts = torch.bincount(input_ids[i, self.prompt_width :], minlength=logits.shape[0])[: logits.shape[0]]
+                logits = logits - s.frequency_penalty * counts - s.presence_penalty * (counts > 0)
+            if s.temperature > 0:
+                token = self._draw(logits / s.temperature, s, self.generators[i])
+                logits = torch.full_like(logits, float("-inf"))
+                logits[token] = 0.0
+            scores[i] = logits.to(scores.dtype)
+        return scores
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, s: Sampling, generator: torch.Generator) -> int:
+        if 0 < s.top_k < logits.shape[0]:
+            kth = torch.topk(logits, s.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if s.top_p < 1.0:
+            ordered, order = torch.sort(logits, descending=True)
+            before = torch.softmax(ordered, dim=-1).cumsum(-1) - torch.softmax(ordered, dim=-1)
+            logits = logits.clone()
+            logits[order[before >= s.top_p]] = float("-inf")  # keep the smallest set reaching top_p
+        return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
 
 
 def _held_back(text: str, stop_strings: Sequence[str]) -> int:
@@ -207,7 +283,7 @@ class RowControl(StoppingCriteria):
         self.tokenizer, self.rows, self.prompt_width = tokenizer, rows, prompt_width
         self.stop_ids = set(stop_token_ids(tokenizer))
         self.sent = [""] * len(rows)
-        self.finished = [False] * len(rows)
+        self.results: list[RowResult | None] = [None] * len(rows)
 
     def final_text(self, ids: list[int], row: RowRequest) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -221,35 +297,33 @@ class RowControl(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         done = []
-        for i, row in enumerate(self.rows):
-            if self.finished[i]:
-                done.append(True)
-                continue
-            ids = input_ids[i, self.prompt_width :].tolist()
-            end = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
-            ids = ids if end is None else ids[:end]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            stopped = cut_at_stop_strings(text, row.stop_strings) != text
-            if stopped or end is not None or len(ids) >= row.max_new_tokens or row.cancelled():
-                self.finish(i, ids)
-            else:
-                keep = text.lstrip()
-                keep = keep[: len(keep) - _held_back(keep, row.stop_strings)].rstrip()
-                self._emit(i, keep)
-            done.append(self.finished[i])
+        for i in range(len(self.rows)):
+            if self.results[i] is None:
+                self.step(i, input_ids[i, self.prompt_width :].tolist())
+            done.append(self.results[i] is not None)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-    def finish(self, i: int, ids: list[int]) -> str:
-        self.finished[i] = True
-        text = self.final_text(ids, self.rows[i])
-        self._emit(i, text)
-        return text
+    def step(self, i: int, ids: list[int], last: bool = False) -> None:
+        """Row i after its newest token: finished (result set) or its settled text streamed."""
+        row = self.rows[i]
+        end = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
+        ids = (ids if end is None else ids[:end])[: row.max_new_tokens]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        stopped = end is not None or cut_at_stop_strings(text, row.stop_strings) != text
+        if stopped or len(ids) >= row.max_new_tokens or row.cancelled() or last:
+            final = cut_at_stop_strings(text, row.stop_strings).strip()
+            self._emit(i, final)
+            reason = "length" if len(ids) >= row.max_new_tokens and not stopped else "stop"
+            self.results[i] = RowResult(final, len(ids), reason)
+        else:
+            keep = text.lstrip()
+            self._emit(i, keep[: len(keep) - _held_back(keep, row.stop_strings)].rstrip())
 
 
 @torch.inference_mode()
-def generate_rows(model, tokenizer, rows: list[RowRequest]) -> list[str]:
-    """Greedy answers of one serving batch (each row capped, stopped and streamed on its own), in row order;
-    each equals what `generate_batch` gives that row alone."""
+def generate_rows(model, tokenizer, rows: list[RowRequest]) -> list[RowResult]:
+    """The answers of one serving batch (each row capped, stopped, sampled and streamed on its own), in row order;
+    a greedy row's text equals what `generate_batch` gives it alone."""
     if not rows:
         return []
     config = generation_config(tokenizer, max(r.max_new_tokens for r in rows))
@@ -258,20 +332,20 @@ def generate_rows(model, tokenizer, rows: list[RowRequest]) -> list[str]:
     model.eval()
     try:
         input_ids, attention_mask = _left_pad([r.prompt for r in rows], config.pad_token_id, device)
-        control = RowControl(tokenizer, rows, input_ids.shape[1])
+        width = input_ids.shape[1]
+        control = RowControl(tokenizer, rows, width)
+        sampled = [] if all(r.sampling.greedy for r in rows) else [RowSampler(rows, width, device)]
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=config,
+            logits_processor=LogitsProcessorList(sampled),
             stopping_criteria=StoppingCriteriaList([control]),
             synced_gpus=False,
         )
     finally:
         model.train(was_training)
-    texts = []
-    for i, row in enumerate(rows):
-        ids = out[i, input_ids.shape[1] :].tolist()
-        end = next((k for k, t in enumerate(ids) if t in control.stop_ids), None)
-        ids = (ids if end is None else ids[:end])[: row.max_new_tokens]
-        texts.append(control.finish(i, ids) if not control.finished[i] else control.final_text(ids, row))
-    return texts
+    for i in range(len(rows)):
+        if control.results[i] is None:  # generate stopped at its own cap before the row's last check
+            control.step(i, out[i, width:].tolist(), last=True)
+    return list(control.results)

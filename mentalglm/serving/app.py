@@ -1,147 +1,186 @@
 """The OpenAI-compatible server (FastAPI): /v1/models, /v1/completions, /v1/chat/completions (streaming too),
-/v1/classify (post + task -> labels, explanation, scores, notice), /v1/tasks, /health, /ready and the demo page
-at /.
+/v1/classify (post + task -> labels, explanation, scores, notice), /v1/tasks, /health, /ready, /docs and the demo
+page at /.
 
-Both backends sit behind the same routes: `hf` (the project's batched generation, `DynamicBatcher`) and `vllm`
-(a vLLM server the project started, `serving/vllm.py`). Prompts are rendered here, so both see the same token
-ids. The server holds under load and bad input: bodies are validated (4xx with a message), max_tokens is
-capped, a full queue answers 503 with Retry-After, each request has a timeout, a client that goes away cancels
-its generation, an API key is required off loopback, request text is never logged, and shutdown finishes the
-requests in flight.
+Both backends (`serving/backends.py`) sit behind the same routes. Prompts are rendered here, off the event loop,
+so both see the same token ids. The server holds under load and bad input: bodies are size-limited (413 before
+more is read) and validated (4xx with a message), max_tokens is capped, a full queue answers 503 with
+Retry-After before any stream starts, each request has a timeout, a client that goes away cancels its
+generation, an API key is required off loopback (for /docs too), request text is never logged, and shutdown
+finishes the requests in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ValidationError
 
 from mentalglm.config import ServeSettings
-from mentalglm.serving.batcher import Cancelled, DynamicBatcher, QueueFull
+from mentalglm.runtime.generation import RowRequest, RowResult
+from mentalglm.serving.backends import Backend
+from mentalglm.serving.batcher import Cancelled, QueueFull
 from mentalglm.serving.predictor import NOTICE, InputError, Predictor, read
+from mentalglm.serving.schema import ChatBody, ClassifyBody, CompletionBody, OpenAIBody, refused_field
 
 log = logging.getLogger("mentalglm.serve")
+OPEN_PATHS = ("/health", "/ready", "/")  # probes and the page (which asks for the key itself)
 
 
-# ----------------------------------------------------------------------------- request bodies
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields a greedy server need not read
-
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = None
-    n: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
-    stream: bool = False
-
-
-class CompletionBody(_Body):
-    prompt: str | list[str]
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatBody(_Body):
-    messages: list[Message] = Field(min_length=1)
-
-
-class ClassifyBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    task: str
-    text: str
-    aspect: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-
-
-# ----------------------------------------------------------------------------- backends
-class HFBackend:
-    name = "hf"
-
-    def __init__(self, predictor: Predictor, settings: ServeSettings):
-        self.predictor = predictor
-        self.batcher = DynamicBatcher(
-            predictor.model,
-            predictor.tokenizer,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            queue_size=settings.queue_size,
-        )
-
-    async def generate(
-        self, prompt: list[int], max_tokens: int, stop: list[str], cancelled: threading.Event, on_text=None
-    ) -> str:
-        from mentalglm.runtime.generation import RowRequest
-
-        loop = asyncio.get_running_loop()
-        push = None if on_text is None else (lambda piece: loop.call_soon_threadsafe(on_text, piece))
-        future = self.batcher.submit(RowRequest(prompt, max_tokens, tuple(stop), push, cancelled.is_set))
-        return await asyncio.wrap_future(future)
-
-    def close(self) -> None:
-        self.batcher.close()
-
-
-class VLLMBackend:
-    name = "vllm"
-
-    def __init__(self, predictor: Predictor, client, settings: ServeSettings):
-        self.predictor, self.client = predictor, client
-        self.queue_size, self.gate = settings.queue_size, asyncio.Semaphore(settings.max_batch_size * 4)
-        self.waiting = 0
-
-    async def generate(
-        self, prompt: list[int], max_tokens: int, stop: list[str], cancelled: threading.Event, on_text=None
-    ) -> str:
-        if self.waiting >= self.queue_size:
-            raise QueueFull()
-        self.waiting += 1
-        try:
-            await self.gate.acquire()
-        finally:
-            self.waiting -= 1
-        try:
-            if cancelled.is_set():
-                raise Cancelled()
-            return await self.client.complete(prompt, max_tokens, stop, on_text)
-        finally:
-            self.gate.release()
-
-    def close(self) -> None:
-        pass
-
-
-# ----------------------------------------------------------------------------- the app
 def _error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
     return JSONResponse(
         {"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers
     )
 
 
-def _stops(stop) -> list[str]:
-    if stop is None:
-        return []
-    return [stop] if isinstance(stop, str) else list(stop)
+# ----------------------------------------------------------------------------- the guard in front of every route
+class Guard:
+    """Plain ASGI in front of the app: the API key (any case of `Bearer`), the body-size limit (413 as soon as a
+    body is known to pass it, from Content-Length or while reading) and one log line per request, never its body.
+    The body is read here and handed on whole, so the routes' `receive` afterwards reports the client leaving."""
+
+    def __init__(self, app, *, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [0]
+
+        async def logged_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal, receive = await self.check(scope, receive)
+            await (refusal or self.app)(scope, receive, logged_send)
+        finally:
+            ms = 1000 * (time.perf_counter() - start)
+            log.info("%s %s %d %.0f ms", scope["method"], scope["path"], status[0], ms)
+
+    async def check(self, scope, receive):
+        """(a response refusing the request or None, the receive the app reads the request from)."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if self.api_key and scope["path"] not in OPEN_PATHS and not self.authorized(headers.get("authorization")):
+            message = "missing or wrong API key (Authorization: Bearer <key>)"
+            return _error(401, message, "authentication_error"), receive
+        too_big = _error(413, f"the body is larger than {self.max_body_bytes} bytes (serve.max_body_bytes)")
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return too_big, receive
+        body, more = bytearray(), scope["method"] in ("POST", "PUT", "PATCH")
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, receive
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                return too_big, receive
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        return None, replay
+
+    def authorized(self, header: str | None) -> bool:
+        scheme, _, token = (header or "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
 
-def create_app(backend, settings: ServeSettings, *, api_key: str | None = None) -> FastAPI:
+# ----------------------------------------------------------------------------- one request's generation
+class Generation:
+    """The rows of one request on the backend: admitted at once (`QueueFull` before anything is queued), awaited
+    under the request's timeout, stopped when the client leaves, the timeout passes or the caller stops it."""
+
+    def __init__(self, backend: Backend, request: Request, rows: list[RowRequest], timeout_s: float):
+        self.cancelled = threading.Event()
+        rows = [replace(row, cancelled=self.cancelled.is_set) for row in rows]
+        self.results = asyncio.gather(*backend.submit(rows))
+        self.left = asyncio.ensure_future(_client_leaves(request))
+        self.deadline = time.monotonic() + timeout_s
+
+    async def wait(self) -> list[RowResult]:
+        try:
+            left = max(self.deadline - time.monotonic(), 0)
+            done, _ = await asyncio.wait({self.results, self.left}, timeout=left, return_when="FIRST_COMPLETED")
+            if self.results in done:
+                return self.results.result()
+            raise Cancelled() if self.left in done else TimeoutError()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self.left.cancel()
+        if not self.results.done():
+            self.cancelled.set()  # rows in a batch stop at their next token; queued ones are skipped
+            self.results.cancel()
+
+
+async def _client_leaves(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _refusal(e: Exception, settings: ServeSettings) -> JSONResponse:
+    if isinstance(e, QueueFull):
+        headers = {"Retry-After": str(settings.retry_after_s)}
+        return _error(503, "the server is busy: too many requests are waiting", "unavailable", headers)
+    if isinstance(e, TimeoutError):
+        return _error(504, f"generation took longer than {settings.timeout_s:g} s", "timeout")
+    return _error(499, "the client closed the connection", "cancelled")
+
+
+REFUSED = (QueueFull, TimeoutError, Cancelled)
+
+
+async def _body(request: Request, model: type[BaseModel]) -> BaseModel | JSONResponse:
+    """The request's JSON as `model`, or a 400 saying what is wrong (never a 500, whatever the bytes)."""
+    raw = await request.body()
+    try:
+        doc = json.loads(raw)
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")  # a lone surrogate (\ud800) is not text
+    except RecursionError:
+        return _error(400, "the body is not JSON this server reads (nested too deeply)")
+    except UnicodeEncodeError:
+        return _error(400, "the body holds a lone surrogate escape (\\ud800-\\udfff), which is not text")
+    except ValueError as e:  # not JSON, not UTF-8, an integer of thousands of digits
+        return _error(400, f"the body is not JSON ({getattr(e, 'msg', None) or str(e)[:120]})")
+    try:
+        return model.model_validate(doc)
+    except ValidationError as e:
+        problems = [f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()[:5]]
+        return _error(400, "invalid request: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- the app
+def create_app(backend: Backend, settings: ServeSettings, *, api_key: str | None = None) -> Guard:
     predictor: Predictor = backend.predictor
-    tokenizer = predictor.tokenizer
     state = {"ready": True, "in_flight": 0, "served": 0}
-    prompt_limit = (settings.max_prompt_tokens, "serve.max_prompt_tokens")
+    # Prompts are tokenised on one thread of their own: never on the event loop, never two at once on the tokenizer.
+    tokenising = ThreadPoolExecutor(1, thread_name_prefix="mentalglm-prompts")
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenising, fn, *args)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -149,22 +188,9 @@ def create_app(backend, settings: ServeSettings, *, api_key: str | None = None) 
         # Shutdown: uvicorn has stopped accepting and let the requests in flight finish.
         state["ready"] = False
         backend.close()
+        tokenising.shutdown(wait=False)
 
-    app = FastAPI(title="MentalGLM", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        start = time.perf_counter()
-        path = request.url.path
-        if api_key and path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {api_key}":
-                log.info("%s %s 401", request.method, path)
-                return _error(401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error")
-        response = await call_next(request)
-        # Never the body: posts about suicide do not belong in a server log.
-        log.info("%s %s %d %.0f ms", request.method, path, response.status_code, 1000 * (time.perf_counter() - start))
-        return response
+    app = FastAPI(title="MentalGLM", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan)
 
     # ------------------------------------------------------------------ probes, page
     @app.get("/health")
@@ -211,226 +237,199 @@ def create_app(backend, settings: ServeSettings, *, api_key: str | None = None) 
         }
 
     # ------------------------------------------------------------------ generation
-    def check(body: _Body) -> tuple[int, list[str]] | JSONResponse:
+    def check(body: OpenAIBody) -> int | JSONResponse:
+        """The request's token cap, or the error that refuses it."""
         if body.model != settings.model_name:
-            return _error(
-                404,
-                f"model {body.model!r} does not exist; this server serves {settings.model_name!r}",
-                "not_found_error",
-            )
-        if body.temperature not in (None, 0, 0.0):
-            return _error(400, "this server decodes greedily: temperature must be 0 (or left out)")
-        if body.n not in (None, 1):
-            return _error(400, "n must be 1")
-        max_tokens = body.max_tokens or settings.max_tokens
+            message = f"model {body.model!r} does not exist; this server serves {settings.model_name!r}"
+            return _error(404, message, "not_found_error")
+        if refused := refused_field(body):
+            return _error(400, refused)
+        if (body.n or 1) > settings.max_choices:
+            return _error(400, f"n is {body.n}; this server allows at most {settings.max_choices} (serve.max_choices)")
+        if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
+            return _error(400, "max_tokens and max_completion_tokens differ; send one of them")
+        return capped(body.max_completion_tokens or body.max_tokens or settings.max_tokens)
+
+    def capped(max_tokens: int) -> int | JSONResponse:
         if max_tokens > settings.max_tokens:
             return _error(400, f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens}")
-        return max_tokens, _stops(body.stop)
+        return max_tokens
 
-    async def run(request: Request, prompt: list[int], max_tokens: int, stop: list[str], on_text=None) -> str:
-        """Generate one answer under the request's timeout, cancelled when the client goes away."""
-        cancelled = threading.Event()
-        task = asyncio.ensure_future(backend.generate(prompt, max_tokens, stop, cancelled, on_text))
-        state["in_flight"] += 1
+    def rows_of(body: OpenAIBody, prompt: list[int], max_tokens: int, on_text=None) -> list[RowRequest]:
+        stops = tuple(body.stops())
+        return [
+            RowRequest(prompt, max_tokens, stops, None if on_text is None else on_text(i), sampling=body.sampling(i))
+            for i in range(body.n or 1)
+        ]
+
+    async def respond(request: Request, body: OpenAIBody, prompt: list[int], max_tokens: int, kind: str):
+        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if body.stream:
+            return stream(request, body, prompt, max_tokens, kind, rid)
         try:
-            deadline = time.monotonic() + settings.timeout_s
-            while not task.done():
-                await asyncio.wait({task}, timeout=0.2)
-                if task.done():
-                    break
-                if await request.is_disconnected():
-                    cancelled.set()
-                    task.cancel()
-                    raise Cancelled()
-                if time.monotonic() > deadline:
-                    cancelled.set()
-                    task.cancel()
-                    raise TimeoutError()
-            return task.result()
-        finally:
-            state["in_flight"] -= 1
+            results = await Generation(backend, request, rows_of(body, prompt, max_tokens), settings.timeout_s).wait()
+        except REFUSED as e:
+            return _refusal(e, settings)
+        state["served"] += 1
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
+            if kind == "chat"
+            else {"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+            for i, r in enumerate(results)
+        ]
+        return {
+            "id": rid,
+            "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": settings.model_name,
+            "choices": choices,
+            "usage": usage(prompt, results),
+        }
 
-    def finish_reason(text: str, max_tokens: int) -> str:
-        return "length" if len(tokenizer(text, add_special_tokens=False)["input_ids"]) >= max_tokens else "stop"
-
-    def usage(prompt: list[int], text: str) -> dict:
-        n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    def usage(prompt: list[int], results: list[RowResult]) -> dict:
+        n = sum(r.tokens for r in results)
         return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
 
-    async def respond(request: Request, prompt: list[int], max_tokens: int, stop: list[str], stream: bool, kind: str):
-        rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        if not stream:
-            try:
-                text = await run(request, prompt, max_tokens, stop)
-            except QueueFull:
-                return _error(
-                    503,
-                    "the server is busy: too many requests are waiting",
-                    "unavailable",
-                    {"Retry-After": str(settings.retry_after_s)},
-                )
-            except TimeoutError:
-                return _error(504, f"generation took longer than {settings.timeout_s:g} s", "timeout")
-            except Cancelled:
-                return _error(499, "the client closed the connection", "cancelled")
-            state["served"] += 1
-            reason = finish_reason(text, max_tokens)
-            choice = (
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-                if kind == "chat"
-                else {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
-            )
-            return {
-                "id": rid,
-                "object": "chat.completion" if kind == "chat" else "text_completion",
-                "created": created,
-                "model": settings.model_name,
-                "choices": [choice],
-                "usage": usage(prompt, text),
-            }
-        return await stream_response(request, prompt, max_tokens, stop, kind, rid, created)
-
-    async def stream_response(request, prompt, max_tokens, stop, kind, rid, created):
+    def stream(request: Request, body: OpenAIBody, prompt: list[int], max_tokens: int, kind: str, rid: str):
         pieces: asyncio.Queue = asyncio.Queue()
-        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        created, obj = int(time.time()), "chat.completion.chunk" if kind == "chat" else "text_completion"
+        try:  # admitted before the stream starts, while a status code can still refuse it
+            generation = Generation(
+                backend,
+                request,
+                rows_of(body, prompt, max_tokens, lambda i: lambda piece: pieces.put_nowait((i, piece))),
+                settings.timeout_s,
+            )
+        except QueueFull as e:
+            return _refusal(e, settings)
 
-        def chunk(delta: str | None, reason: str | None = None, first: bool = False) -> str:
+        def event(choices: list[dict], **extra) -> str:
+            chunk = {"id": rid, "object": obj, "created": created, "model": settings.model_name, "choices": choices}
+            return f"data: {json.dumps(chunk | extra, ensure_ascii=False)}\n\n"
+
+        def choice(i: int, delta: str | None, reason: str | None = None, first: bool = False) -> dict:
             if kind == "chat":
                 d = ({"role": "assistant", "content": ""} if first else {}) | ({"content": delta} if delta else {})
-                choice = {"index": 0, "delta": d, "finish_reason": reason}
-            else:
-                choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": reason}
-            body = {"id": rid, "object": obj, "created": created, "model": settings.model_name, "choices": [choice]}
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        worker = asyncio.ensure_future(run(request, prompt, max_tokens, stop, pieces.put_nowait))
-        # A full queue is refused before the stream starts, while a status code can still say so.
-        await asyncio.wait({worker}, timeout=0.01)
-        if worker.done() and isinstance(worker.exception(), QueueFull):
-            return _error(
-                503,
-                "the server is busy: too many requests are waiting",
-                "unavailable",
-                {"Retry-After": str(settings.retry_after_s)},
-            )
+                return {"index": i, "delta": d, "finish_reason": reason}
+            return {"index": i, "text": delta or "", "logprobs": None, "finish_reason": reason}
 
         async def events():
-            if kind == "chat":
-                yield chunk(None, first=True)
+            waiting = asyncio.ensure_future(generation.wait())
             try:
+                if kind == "chat":
+                    yield event([choice(i, None, first=True) for i in range(body.n or 1)])
                 while True:
                     getter = asyncio.ensure_future(pieces.get())
-                    done, _ = await asyncio.wait({getter, worker}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter in done:
-                        yield chunk(getter.result())
-                        continue
-                    getter.cancel()
-                    while not pieces.empty():
-                        yield chunk(pieces.get_nowait())
-                    break
-                text = worker.result()
+                    done, _ = await asyncio.wait({getter, waiting}, return_when="FIRST_COMPLETED")
+                    if getter not in done:
+                        getter.cancel()
+                        break
+                    yield event([choice(*getter.result())])
+                while not pieces.empty():
+                    yield event([choice(*pieces.get_nowait())])
+                try:
+                    results = waiting.result()
+                except REFUSED as e:  # the status was sent: the error goes in the stream, then it ends
+                    yield f"data: {_refusal(e, settings).body.decode()}\n\n"
+                    return
                 state["served"] += 1
-                yield chunk(None, finish_reason(text, max_tokens))
+                for i, r in enumerate(results):
+                    yield event([choice(i, None, r.finish_reason)])
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    yield event([], usage=usage(prompt, results))
                 yield "data: [DONE]\n\n"
-            except (Cancelled, asyncio.CancelledError):
-                worker.cancel()
-                raise
-            except (TimeoutError, QueueFull) as e:
-                message = "timeout" if isinstance(e, TimeoutError) else "busy"
-                yield f"data: {json.dumps({'error': {'message': message}})}\n\n"
+            finally:  # the client left (the generator is closed or cancelled): stop generating for it
+                generation.stop()
+                waiting.cancel()
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
-
-    async def body_of(request: Request, model):
-        try:
-            raw = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return _error(400, f"the body is not JSON ({getattr(e, 'msg', e)})")
-        try:
-            return model.model_validate(raw)
-        except Exception as e:  # pydantic.ValidationError
-            errors = getattr(e, "errors", lambda: [])()
-            problems = [
-                f"{'.'.join(str(p) for p in err.get('loc', ())) or 'body'}: {err.get('msg')}" for err in errors[:5]
-            ]
-            return _error(400, "invalid request: " + ("; ".join(problems) or str(e)))
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await body_of(request, CompletionBody)
+        body = await _body(request, CompletionBody)
         if isinstance(body, JSONResponse):
             return body
-        checked = check(body)
-        if isinstance(checked, JSONResponse):
-            return checked
+        max_tokens = check(body)
+        if isinstance(max_tokens, JSONResponse):
+            return max_tokens
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             return _error(400, "prompt must be one string")
         try:
-            ids = predictor.check_length(predictor.text_prompt(prompts[0]) if prompts[0].strip() else [], *prompt_limit)
+            ids = await off_loop(completion_prompt, prompts[0])
         except InputError as e:
             return _error(400, str(e))
-        return await respond(request, ids, *checked, body.stream, "completion")
+        return await respond(request, body, ids, max_tokens, "completion")
+
+    def completion_prompt(text: str) -> list[int]:
+        from mentalglm.data.formats import visible
+
+        ids = predictor.text_prompt(text) if visible(text) else []
+        return predictor.check_length(ids, settings.max_prompt_tokens, "serve.max_prompt_tokens")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await body_of(request, ChatBody)
+        body = await _body(request, ChatBody)
         if isinstance(body, JSONResponse):
             return body
-        checked = check(body)
-        if isinstance(checked, JSONResponse):
-            return checked
-        if not any(m.role == "user" and m.content.strip() for m in body.messages):
-            return _error(400, "messages: no user turn with content")
+        max_tokens = check(body)
+        if isinstance(max_tokens, JSONResponse):
+            return max_tokens
+        for i, m in enumerate(body.messages):
+            if part := m.non_text_part():
+                return _error(400, f"messages.{i}.content: a {part!r} part; this server reads text parts only")
         try:
-            ids = predictor.check_length(
-                predictor.messages_prompt([m.model_dump() for m in body.messages]), *prompt_limit
-            )
+            ids = await off_loop(chat_prompt, body)
         except InputError as e:
             return _error(400, str(e))
-        return await respond(request, ids, *checked, body.stream, "chat")
+        return await respond(request, body, ids, max_tokens, "chat")
+
+    def chat_prompt(body: ChatBody) -> list[int]:
+        from mentalglm.data.formats import visible
+
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        if not any(m["role"] == "user" and visible(m["content"]) for m in messages):
+            raise InputError("messages: no user turn with content")
+        ids = predictor.messages_prompt(messages)
+        return predictor.check_length(ids, settings.max_prompt_tokens, "serve.max_prompt_tokens")
 
     @app.post("/v1/classify")
     async def classify(request: Request):
-        body = await body_of(request, ClassifyBody)
+        body = await _body(request, ClassifyBody)
         if isinstance(body, JSONResponse):
             return body
-        max_tokens = body.max_tokens or min(settings.max_tokens, predictor.generation.max_new_tokens)
-        if max_tokens > settings.max_tokens:
-            return _error(400, f"max_tokens is {max_tokens}; this server allows at most {settings.max_tokens}")
+        if body.model not in (None, settings.model_name):
+            message = f"model {body.model!r} does not exist; this server serves {settings.model_name!r}"
+            return _error(404, message, "not_found_error")
+        max_tokens = capped(body.max_tokens or min(settings.max_tokens, predictor.generation.max_new_tokens))
+        if isinstance(max_tokens, JSONResponse):
+            return max_tokens
         try:
             task = predictor.task(body.task)
-            ids, _ = predictor.post_prompt(task, body.text, body.aspect, truncate=False)
+            ids, _ = await off_loop(lambda: predictor.post_prompt(task, body.text, body.aspect, truncate=False))
         except InputError as e:
             return _error(400, str(e))
         try:
-            text = await run(request, ids, max_tokens, [])
-        except QueueFull:
-            return _error(
-                503,
-                "the server is busy: too many requests are waiting",
-                "unavailable",
-                {"Retry-After": str(settings.retry_after_s)},
-            )
-        except TimeoutError:
-            return _error(504, f"generation took longer than {settings.timeout_s:g} s", "timeout")
-        except Cancelled:
-            return _error(499, "the client closed the connection", "cancelled")
+            row = RowRequest(ids, max_tokens, sampling=body.sampling())
+            (result,) = await Generation(backend, request, [row], settings.timeout_s).wait()
+        except REFUSED as e:
+            return _refusal(e, settings)
         state["served"] += 1
-        result: dict[str, Any] = read(task, text).as_dict(task)
+        answer: dict[str, Any] = read(task, result.text).as_dict(task)
         # Label likelihoods (scores.enabled, hf backend): one forward over the prompt and the label sentences.
         scores = (await asyncio.to_thread(predictor.label_scores, [task.name], [ids]))[0]
         return {
-            **result,
+            **answer,
             "aspect": body.aspect or "",
             "task_name": task.display_name,
             "scores": scores,
+            "finish_reason": result.finish_reason,
             "notice": NOTICE,
             "model": settings.model_name,
         }
 
     app.state.counters = state
-    return app
+    guarded = Guard(app, api_key=api_key, max_body_bytes=settings.max_body_bytes)
+    guarded.state = app.state  # type: ignore[attr-defined]
+    return guarded

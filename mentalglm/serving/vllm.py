@@ -23,7 +23,7 @@ import httpx
 from mentalglm.config import VLLMConfig
 from mentalglm.errors import ConfigError
 from mentalglm.network import free_port
-from mentalglm.runtime.generation import cut_at_stop_strings, stop_token_ids
+from mentalglm.runtime.generation import GREEDY, RowRequest, RowResult, Sampling, cut_at_stop_strings, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -205,15 +205,24 @@ class VLLMClient:
             max_retries=2,
         )
 
-    def _body(self, prompt: list[int], max_tokens: int, stop: list[str]) -> dict:
-        return dict(
+    def _body(self, prompt: list[int], max_tokens: int, stop: list[str], sampling: Sampling = GREEDY) -> dict:
+        body = dict(
             model=self.model,
             prompt=list(prompt),
             max_tokens=max_tokens,
-            temperature=0.0,
+            temperature=sampling.temperature,
             stop=list(stop) or None,
             extra_body={"stop_token_ids": self.stop_ids, "skip_special_tokens": True, "return_token_ids": True},
         )
+        if sampling != GREEDY:
+            body |= dict(
+                top_p=sampling.top_p,
+                seed=sampling.seed,
+                presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+            )
+            body["extra_body"] |= {"top_k": sampling.top_k if sampling.top_k > 0 else -1}
+        return body
 
     def _final(self, ids: list[int], text: str, stop: list[str]) -> str:
         """The answer decoded from its token ids as the hf backend decodes it (vLLM's own text can drop a character
@@ -223,30 +232,35 @@ class VLLMClient:
         decoded = self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
         return cut_at_stop_strings(decoded, stop).strip()
 
-    async def complete(
-        self, prompt: list[int], max_tokens: int, stop: list[str] = (), on_text: Callable[[str], None] | None = None
-    ) -> str:
-        """One answer, stripped like the hf backend's; `on_text` receives it piece by piece as it streams."""
-        text, _ = await self.complete_capped(prompt, max_tokens, stop, on_text)
-        return text
+    async def complete_capped(self, prompt: list[int], max_tokens: int, stop: list[str] = ()) -> tuple[str, bool]:
+        """One greedy answer, stripped like the hf backend's, and whether the token cap cut it."""
+        result = await self.complete_row(RowRequest(list(prompt), max_tokens, tuple(stop)))
+        return result.text, result.finish_reason == "length"
 
-    async def complete_capped(
-        self, prompt: list[int], max_tokens: int, stop: list[str] = (), on_text: Callable[[str], None] | None = None
-    ) -> tuple[str, bool]:
-        """`complete`'s answer and whether the token cap cut it (vLLM's finish_reason `length`)."""
-        stop = list(stop)
-        if on_text is None:
-            response = await self.client.completions.create(**self._body(prompt, max_tokens, stop))
+    async def complete_row(self, row: RowRequest) -> RowResult:
+        """A serving row's answer (its sampling, stop strings and cap), with vLLM's token count and finish reason;
+        `row.on_text` receives it piece by piece as it streams."""
+        stop = list(row.stop_strings)
+        body = self._body(row.prompt, row.max_new_tokens, stop, row.sampling)
+        if row.on_text is None:
+            response = await self.client.completions.create(**body)
             choice = response.choices[0]
-            text = self._final(list(getattr(choice, "token_ids", None) or []), choice.text, stop)
-            return text, choice.finish_reason == "length"
-        stream, ids, reason = StreamText(on_text), [], None
-        async for chunk in await self.client.completions.create(**self._body(prompt, max_tokens, stop), stream=True):
+            ids = list(getattr(choice, "token_ids", None) or [])
+            text, reason = self._final(ids, choice.text, stop), choice.finish_reason
+            tokens = self._count(ids, response.usage.completion_tokens if response.usage else 0)
+            return RowResult(text, tokens, "length" if reason == "length" else "stop")
+        stream, ids, reason = StreamText(row.on_text), [], None
+        async for chunk in await self.client.completions.create(**body, stream=True):
             if chunk.choices:
                 stream.add(chunk.choices[0].text or "")
                 ids += list(getattr(chunk.choices[0], "token_ids", None) or [])
                 reason = chunk.choices[0].finish_reason or reason
-        return stream.finish(self._final(ids, stream.text, stop)), reason == "length"
+        text = stream.finish(self._final(ids, stream.text, stop))
+        return RowResult(text, self._count(ids, 0), "length" if reason == "length" else "stop")
+
+    def _count(self, ids: list[int], reported: int) -> int:
+        """Tokens generated, the end token not counted (as the hf backend counts)."""
+        return len([t for t in ids if t not in self.stop_ids]) if ids else reported
 
     async def _complete_all(self, prompts, max_tokens, stop, progress=None) -> list[tuple[str, bool]]:
         gate = asyncio.Semaphore(self.concurrency)
