@@ -142,3 +142,53 @@ def test_the_final_test_of_train_runs_on_vllm(run_cli, tmp_path):
     a, b = read_jsonl(run / "test" / "predictions.jsonl"), read_jsonl(out / "predictions.jsonl")
     assert [(r["id"], r["output"]) for r in a] == [(r["id"], r["output"]) for r in b] and len(a) == 4
     assert (run / "test" / "vllm.log").is_file()
+
+
+def process_group(pgid: int) -> list[int]:
+    """The live processes of a process group (vLLM runs in a session of its own, its engine beside it)."""
+    from pathlib import Path
+
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def vllm_pid(port: int) -> int:
+    from pathlib import Path
+
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"vllm.entrypoints.openai.api_server" in args and str(port).encode() in args:
+            return int(cmdline.parent.name)
+    raise AssertionError(f"no vLLM server on port {port}")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_no_vllm_engine_outlives_serve(tmp_path, cli_cache, adapter, sig):
+    """Stopped (SIGTERM) or killed (SIGKILL, no clean-up possible), serve.py leaves no vLLM process behind."""
+    import signal
+    import time
+    from urllib.parse import urlparse
+
+    import httpx
+
+    srv = Server(tmp_path, cli_cache, adapter, "serve.backend=vllm", "serve.max_tokens=32")
+    port = urlparse(httpx.get(srv.url + "/ready").json()["vllm_url"]).port
+    group = vllm_pid(port)
+    assert process_group(group)
+    srv.stop(getattr(signal, sig))
+    deadline = time.monotonic() + 60
+    while process_group(group) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert process_group(group) == [], f"vLLM processes left after {sig}"
+    if sig == "SIGTERM":
+        assert srv.proc.returncode == -signal.SIGTERM

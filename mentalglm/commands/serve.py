@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -30,7 +31,28 @@ def api_key(settings: ServeSettings) -> str | None:
     return key
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so the `with` blocks around the server (the vLLM engine) close."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def serve(cfg: DictConfig) -> None:
+    # uvicorn finishes the requests in flight on SIGTERM and then raises the signal again: with the default handler
+    # the process would end there, leaving the vLLM engine it started running. Here it unwinds, then ends as SIGTERM.
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _serve(cfg)
+    except Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve(cfg: DictConfig) -> None:
     import uvicorn
 
     from mentalglm.serving.app import create_app

@@ -206,6 +206,7 @@ class RowRequest:
     on_text: Callable[[str], None] | None = None  # each new piece of the answer, as soon as it is final
     cancelled: Callable[[], bool] = lambda: False  # true: stop generating this row (client gone, timed out)
     sampling: Sampling = GREEDY
+    ignore_eos: bool = False  # go on past the end token to the cap (vLLM's extension: load tests, benchmarks)
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,7 @@ class RowControl(StoppingCriteria):
     def step(self, i: int, ids: list[int], last: bool = False) -> None:
         """Row i after its newest token: finished (result set) or its settled text streamed."""
         row = self.rows[i]
-        end = next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
+        end = None if row.ignore_eos else next((k for k, t in enumerate(ids) if t in self.stop_ids), None)
         ids = (ids if end is None else ids[:end])[: row.max_new_tokens]
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         stopped = end is not None or cut_at_stop_strings(text, row.stop_strings) != text
@@ -333,6 +334,8 @@ def generate_rows(model, tokenizer, rows: list[RowRequest]) -> list[RowResult]:
     try:
         input_ids, attention_mask = _left_pad([r.prompt for r in rows], config.pad_token_id, device)
         width = input_ids.shape[1]
+        if any(r.ignore_eos for r in rows):
+            config.eos_token_id = []  # RowControl ends the other rows at their end token (None: the model default)
         control = RowControl(tokenizer, rows, width)
         sampled = [] if all(r.sampling.greedy for r in rows) else [RowSampler(rows, width, device)]
         out = model.generate(

@@ -258,7 +258,14 @@ def create_app(backend: Backend, settings: ServeSettings, *, api_key: str | None
     def rows_of(body: OpenAIBody, prompt: list[int], max_tokens: int, on_text=None) -> list[RowRequest]:
         stops = tuple(body.stops())
         return [
-            RowRequest(prompt, max_tokens, stops, None if on_text is None else on_text(i), sampling=body.sampling(i))
+            RowRequest(
+                prompt,
+                max_tokens,
+                stops,
+                None if on_text is None else on_text(i),
+                sampling=body.sampling(i),
+                ignore_eos=body.ignore_eos,
+            )
             for i in range(body.n or 1)
         ]
 

@@ -62,6 +62,7 @@ class OpenAIBody(SamplingFields):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate to the cap
     response_format: ResponseFormat | None = None
     # Defined by OpenAI, not available here: refused by name when set (see UNSUPPORTED).
     logprobs: Any = None

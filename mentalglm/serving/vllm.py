@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -62,6 +63,23 @@ def on_cpu() -> bool:
     import torch
 
     return not torch.cuda.is_available()
+
+
+def _stop_with(parent: int) -> Callable[[], None]:
+    """Run in the vLLM child before it starts: Linux sends it SIGTERM when the process that started it dies, even by
+    SIGKILL (PR_SET_PDEATHSIG), so no engine outlives its parent holding the GPU's memory."""
+
+    def arrange() -> None:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: the parent's __exit__ still stops it
+            return
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(1)
+
+    return arrange
 
 
 class VLLMServer:
@@ -139,7 +157,12 @@ class VLLMServer:
         with open(self.log_file, "ab") as out:
             log.info("starting vLLM on 127.0.0.1:%d (log: %s)", self.port, self.log_file)
             self.process = subprocess.Popen(
-                self.command(), stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                self.command(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_stop_with(os.getpid()),
             )
         try:
             self._wait_ready()
@@ -178,8 +201,6 @@ class VLLMServer:
     def __exit__(self, *exc) -> None:
         if self.process is None or self.process.poll() is not None:
             return
-        import signal
-
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=30)
@@ -242,6 +263,8 @@ class VLLMClient:
         `row.on_text` receives it piece by piece as it streams."""
         stop = list(row.stop_strings)
         body = self._body(row.prompt, row.max_new_tokens, stop, row.sampling)
+        if row.ignore_eos:
+            body["extra_body"] |= {"ignore_eos": True}
         if row.on_text is None:
             response = await self.client.completions.create(**body)
             choice = response.choices[0]
