@@ -297,6 +297,11 @@ class ServeSettings:
     # A body past this is refused (413) before more of it is read: 8192 tokens of prompt are well under 1 MiB.
     max_body_bytes: int = 1_048_576
     max_choices: int = 8  # a request's n
+    # More adapters of the same base, each under its own model id: {id: adapter dir or train.py run dir}. Each
+    # renders prompts as its own run was trained (its run card); the hf backend switches adapters per batch.
+    # (Any, not a dict: Hydra's struct mode would refuse `serve.adapters={name:path}` adding keys to an empty dict.)
+    adapters: Any = None
+    base_model_name: str | None = None  # also serve the base model alone under this id
 
 
 @dataclass

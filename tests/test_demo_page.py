@@ -1,5 +1,6 @@
 """The demo page served at / by serve.py: in headless Chromium (Debian's, driven by playwright) against a real
-server process, a person pastes a post, picks a task and sees labels, explanation and the screening notice."""
+server process, a person pastes a post, picks a task and sees labels, explanation and the screening notice, and
+compares two models' answers side by side."""
 
 import shutil
 
@@ -23,6 +24,7 @@ ARGS = [
 @pytest.fixture(scope="module")
 def page_server(tmp_path_factory, cli_cache):
     adapter = make_adapter(cli_cache, tmp_path_factory.mktemp("adapter") / "adapter")
+    second = make_adapter(cli_cache, tmp_path_factory.mktemp("adapter") / "second", seed=1)
     srv = Server(
         tmp_path_factory.mktemp("page"),
         cli_cache,
@@ -30,6 +32,7 @@ def page_server(tmp_path_factory, cli_cache):
         "data.max_length=128",
         "serve.max_tokens=48",
         "generation.max_new_tokens=48",
+        f"serve.adapters={{second:'{second}'}}",
     )
     yield srv
     srv.stop()
@@ -53,7 +56,12 @@ def test_a_post_gets_labels_explanation_and_the_notice(page_server, tmp_path):
         page.fill("#post", "我考试没考好，我就是个废物，以后肯定没人要我。")
         page.click("#go")
         page.wait_for_selector("#result", state="visible", timeout=120_000)
-        assert "research" in page.inner_text("#result-notice") and page.inner_text("#explanation").strip()
+        assert "research" in page.inner_text("#result-notice") and page.inner_text(".answer .explanation").strip()
+        assert page.locator(".answer").count() == 1
+        page.select_option("#compare", "second")  # the same post, two models side by side
+        page.click("#go")
+        page.wait_for_function("document.querySelectorAll('.answer').length === 2", timeout=120_000)
+        assert [page.inner_text(f".answer:nth-child({i}) .model-name") for i in (1, 2)] == ["mentalglm", "second"]
         page.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
         page.fill("#post", "   ")
         page.click("#go")

@@ -11,6 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import yaml
+from conftest import ROOT
 from serving import MODEL, Server, make_adapter
 
 pytestmark = pytest.mark.slow
@@ -278,3 +280,27 @@ def test_shutdown_finishes_the_requests_in_flight(tmp_path, cli_cache, adapter):
     # uvicorn re-raises the signal once it has shut down cleanly.
     assert srv.proc.wait(120) in (0, -signal.SIGTERM)
     assert "Finished server process" in srv.log.read_text()
+
+
+def test_serve_adapters_that_cannot_share_the_base_stop_in_one_line(run_cli, adapter, tmp_path):
+    """serve.adapters: each entry a directory of an adapter of this base, under a free id; else one line, before
+    any model loads."""
+    import shutil
+
+    other_base = tmp_path / "other_base"
+    shutil.copytree(adapter, other_base)
+    model = yaml.safe_load((ROOT / "conf/model/tiny_glm.yaml").read_text())
+    card = {"mentalglm_card": 1, "model": model | {"system": "You are another assistant."}}
+    (other_base / "mentalglm.json").write_text(json.dumps(card))
+    cases = [
+        (f"serve.adapters={{second:'{tmp_path / 'missing'}'}}", "not a directory"),
+        (f"serve.adapters={{mentalglm:'{adapter}'}}", "already serve.model_name"),
+        (f"serve.adapters={{second:'{other_base}'}}", "model.system"),
+        ("serve.adapters=[a,b]", "serve.adapters="),
+    ]
+    for override, message in cases:
+        proc = run_cli("serve.py", *MODEL, f"adapter={adapter}", override, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (override, proc.stderr[-2000:])
+        assert message in proc.stderr.strip().splitlines()[-1], (override, proc.stderr[-500:])
+    proc = run_cli("serve.py", *MODEL, f"serve.adapters={{second:'{adapter}'}}", check=False)
+    assert proc.returncode == 2 and "adapter= or run_dir=" in proc.stderr.strip().splitlines()[-1]

@@ -26,8 +26,13 @@ def adapter(tmp_path_factory, cli_cache):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, cli_cache, adapter):
-    """Batches of up to 4, answers up to 64 tokens, no key."""
+def second(tmp_path_factory, cli_cache):
+    return make_adapter(cli_cache, tmp_path_factory.mktemp("adapter") / "second", seed=1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, cli_cache, adapter, second):
+    """Batches of up to 4, answers up to 64 tokens, no key; a second adapter and the base beside the first."""
     srv = Server(
         tmp_path_factory.mktemp("serve"),
         cli_cache,
@@ -35,6 +40,8 @@ def server(tmp_path_factory, cli_cache, adapter):
         "serve.max_tokens=64",
         "serve.max_batch_size=4",
         "serve.max_wait_ms=20",
+        f"serve.adapters={{second:'{second}'}}",
+        "serve.base_model_name=base",
     )
     yield srv
     srv.stop()
@@ -161,6 +168,41 @@ def test_classify_is_greedy_unless_asked_to_sample(server):
     sampled = [post(server, "/v1/classify", body | {"temperature": 1.0, "seed": 9}).json() for _ in range(2)]
     assert sampled[0]["output"] == sampled[1]["output"]
     assert greedy["finish_reason"] in ("stop", "length") and greedy["model"] == "mentalglm"
+
+
+# ----------------------------------------------------------------------------- several adapters, one base
+def test_two_adapters_and_the_base_each_answer_as_alone(server, cli_cache, adapter, second):
+    from omegaconf import OmegaConf
+
+    from mentalglm.config import DataConfig, GenerationConfig, as_config
+    from mentalglm.runtime.generation import generate_batch
+    from mentalglm.serving.predictor import Predictor
+    from mentalglm.tasks import TASKS
+
+    assert [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]] == ["mentalglm", "second", "base"]
+    messages = [{"role": "user", "content": POST}]
+    model_cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/tiny_glm.yaml"))
+    expected = {}
+    for name, path in (("mentalglm", adapter), ("second", second), ("base", None)):
+        alone = Predictor(
+            model_cfg,
+            {"sos_hl_1k": TASKS["sos_hl_1k"]},
+            None if path is None else str(path),
+            cache_dir=cli_cache,
+            data=as_config(DataConfig, {"name": "t"}),
+            generation=GenerationConfig(),
+        )
+        expected[name] = generate_batch(
+            alone.model, alone.tokenizer, [alone.messages_prompt(messages)], max_new_tokens=24
+        )[0]
+    assert len(set(expected.values())) == 3  # three models, three answers
+    work = ["mentalglm", "second", "base"] * 4
+    with ThreadPoolExecutor(6) as pool:  # interleaved: batches hold rows of several adapters
+        answers = list(pool.map(lambda m: text(chat(server, model=m)), work))
+    assert answers == [expected[m] for m in work]
+    classified = post(server, "/v1/classify", {"task": "sos_hl_1k", "text": POST, "model": "second"}).json()
+    assert classified["model"] == "second"
+    assert post(server, "/v1/classify", {"task": "sos_hl_1k", "text": POST, "model": "other"}).status_code == 404
 
 
 # ----------------------------------------------------------------------------- client libraries, as users run them

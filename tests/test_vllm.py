@@ -41,7 +41,15 @@ def adapter(tmp_path_factory, cli_cache):
 
 @pytest.fixture(scope="module")
 def vllm_server(tmp_path_factory, cli_cache, adapter):
-    srv = Server(tmp_path_factory.mktemp("vllm"), cli_cache, adapter, "serve.backend=vllm", "serve.max_tokens=32")
+    srv = Server(
+        tmp_path_factory.mktemp("vllm"),
+        cli_cache,
+        adapter,
+        "serve.backend=vllm",
+        "serve.max_tokens=32",
+        f"serve.adapters={{copy:'{adapter}'}}",  # a second LoRA module (the same weights: the same answers)
+        "serve.base_model_name=plain",
+    )
     yield srv
     srv.stop()
 
@@ -64,7 +72,9 @@ def test_vllm_serves_the_adapter_and_answers_as_the_hf_backend(vllm_server, cli_
     ready = httpx.get(vllm_server.url + "/ready").json()
     assert ready["backend"] == "vllm"
     served = [m["id"] for m in httpx.get(ready["vllm_url"] + "/models").json()["data"]]
-    assert "mentalglm" in served and "base" in served  # the adapter, and the base beside it
+    assert {"mentalglm", "copy", "base"} <= set(served)  # the adapters, and the base beside them
+    ours = [m["id"] for m in httpx.get(vllm_server.url + "/v1/models").json()["data"]]
+    assert ours == ["mentalglm", "copy", "plain"]
 
     client = OpenAI(base_url=vllm_server.url + "/v1", api_key="unused", max_retries=0)
     model_cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/tiny_glm.yaml"))
@@ -84,6 +94,15 @@ def test_vllm_serves_the_adapter_and_answers_as_the_hf_backend(vllm_server, cli_
         assert answer.choices[0].message.content == expected
         stream = client.chat.completions.create(model="mentalglm", messages=messages, max_tokens=32, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == expected
+        again = client.chat.completions.create(model="copy", messages=messages, max_tokens=32, temperature=0)
+        assert again.choices[0].message.content == expected and again.model == "copy"
+    plain = client.chat.completions.create(model="plain", messages=messages, max_tokens=8)
+    assert plain.choices[0].finish_reason in ("stop", "length") and plain.model == "plain"
+    seeded = [
+        client.chat.completions.create(model="mentalglm", messages=messages, max_tokens=16, temperature=1.0, seed=5)
+        for _ in range(2)
+    ]
+    assert seeded[0].choices[0].message.content == seeded[1].choices[0].message.content
     vllm_log = next(vllm_server.outputs.rglob("vllm.log")).read_text(errors="replace")
     assert "谁能懂我" not in vllm_log  # vLLM runs with request logging off
 

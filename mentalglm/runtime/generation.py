@@ -207,6 +207,9 @@ class RowRequest:
     cancelled: Callable[[], bool] = lambda: False  # true: stop generating this row (client gone, timed out)
     sampling: Sampling = GREEDY
     ignore_eos: bool = False  # go on past the end token to the cap (vLLM's extension: load tests, benchmarks)
+    # The LoRA adapter that generates it (several served by one base): its name, None for the base without
+    # adapters, "" for the model as it stands.
+    adapter: str | None = ""
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ValidationError
 
 from mentalglm.config import ServeSettings
 from mentalglm.runtime.generation import RowRequest, RowResult
-from mentalglm.serving.backends import Backend
+from mentalglm.serving.backends import Backend, ServedModel
 from mentalglm.serving.batcher import Cancelled, QueueFull
 from mentalglm.serving.predictor import NOTICE, InputError, Predictor, read
 from mentalglm.serving.schema import ChatBody, ClassifyBody, CompletionBody, OpenAIBody, refused_field
@@ -173,8 +173,16 @@ async def _body(request: Request, model: type[BaseModel]) -> BaseModel | JSONRes
 
 
 # ----------------------------------------------------------------------------- the app
-def create_app(backend: Backend, settings: ServeSettings, *, api_key: str | None = None) -> Guard:
+def create_app(
+    backend: Backend,
+    settings: ServeSettings,
+    *,
+    api_key: str | None = None,
+    models: dict[str, ServedModel] | None = None,
+) -> Guard:
+    """The server; `models` (id -> prompts and adapter) defaults to the backend's model as `serve.model_name`."""
     predictor: Predictor = backend.predictor
+    models = models or {settings.model_name: ServedModel(predictor, "")}
     state = {"ready": True, "in_flight": 0, "served": 0}
     # Prompts are tokenised on one thread of their own: never on the event loop, never two at once on the tokenizer.
     tokenising = ThreadPoolExecutor(1, thread_name_prefix="mentalglm-prompts")
@@ -214,10 +222,10 @@ def create_app(backend: Backend, settings: ServeSettings, *, api_key: str | None
         return resources.files("mentalglm.serving").joinpath("page.html").read_text(encoding="utf-8")
 
     @app.get("/v1/models")
-    async def models():
+    async def list_models():
         return {
             "object": "list",
-            "data": [{"id": settings.model_name, "object": "model", "created": 0, "owned_by": "mentalglm"}],
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "mentalglm"} for name in models],
         }
 
     @app.get("/v1/tasks")
@@ -237,11 +245,14 @@ def create_app(backend: Backend, settings: ServeSettings, *, api_key: str | None
         }
 
     # ------------------------------------------------------------------ generation
+    def unknown(model: str) -> JSONResponse:
+        served = ", ".join(repr(m) for m in models)
+        return _error(404, f"model {model!r} does not exist; this server serves {served}", "not_found_error")
+
     def check(body: OpenAIBody) -> int | JSONResponse:
         """The request's token cap, or the error that refuses it."""
-        if body.model != settings.model_name:
-            message = f"model {body.model!r} does not exist; this server serves {settings.model_name!r}"
-            return _error(404, message, "not_found_error")
+        if body.model not in models:
+            return unknown(body.model)
         if refused := refused_field(body):
             return _error(400, refused)
         if (body.n or 1) > settings.max_choices:
@@ -265,6 +276,7 @@ def create_app(backend: Backend, settings: ServeSettings, *, api_key: str | None
                 None if on_text is None else on_text(i),
                 sampling=body.sampling(i),
                 ignore_eos=body.ignore_eos,
+                adapter=models[body.model].adapter,
             )
             for i in range(body.n or 1)
         ]
@@ -288,7 +300,7 @@ def create_app(backend: Backend, settings: ServeSettings, *, api_key: str | None
             "id": rid,
             "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": int(time.time()),
-            "model": settings.model_name,
+            "model": body.model,
             "choices": choices,
             "usage": usage(prompt, results),
         }
@@ -311,7 +323,7 @@ def create_app(backend: Backend, settings: ServeSettings, *, api_key: str | None
             return _refusal(e, settings)
 
         def event(choices: list[dict], **extra) -> str:
-            chunk = {"id": rid, "object": obj, "created": created, "model": settings.model_name, "choices": choices}
+            chunk = {"id": rid, "object": obj, "created": created, "model": body.model, "choices": choices}
             return f"data: {json.dumps(chunk | extra, ensure_ascii=False)}\n\n"
 
         def choice(i: int, delta: str | None, reason: str | None = None, first: bool = False) -> dict:
@@ -364,16 +376,16 @@ def create_app(backend: Backend, settings: ServeSettings, *, api_key: str | None
         if len(prompts) != 1:
             return _error(400, "prompt must be one string")
         try:
-            ids = await off_loop(completion_prompt, prompts[0])
+            ids = await off_loop(completion_prompt, models[body.model].predictor, prompts[0])
         except InputError as e:
             return _error(400, str(e))
         return await respond(request, body, ids, max_tokens, "completion")
 
-    def completion_prompt(text: str) -> list[int]:
+    def completion_prompt(prompts: Predictor, text: str) -> list[int]:
         from mentalglm.data.formats import visible
 
-        ids = predictor.text_prompt(text) if visible(text) else []
-        return predictor.check_length(ids, settings.max_prompt_tokens, "serve.max_prompt_tokens")
+        ids = prompts.text_prompt(text) if visible(text) else []
+        return prompts.check_length(ids, settings.max_prompt_tokens, "serve.max_prompt_tokens")
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -387,45 +399,46 @@ def create_app(backend: Backend, settings: ServeSettings, *, api_key: str | None
             if part := m.non_text_part():
                 return _error(400, f"messages.{i}.content: a {part!r} part; this server reads text parts only")
         try:
-            ids = await off_loop(chat_prompt, body)
+            ids = await off_loop(chat_prompt, models[body.model].predictor, body)
         except InputError as e:
             return _error(400, str(e))
         return await respond(request, body, ids, max_tokens, "chat")
 
-    def chat_prompt(body: ChatBody) -> list[int]:
+    def chat_prompt(prompts: Predictor, body: ChatBody) -> list[int]:
         from mentalglm.data.formats import visible
 
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         if not any(m["role"] == "user" and visible(m["content"]) for m in messages):
             raise InputError("messages: no user turn with content")
-        ids = predictor.messages_prompt(messages)
-        return predictor.check_length(ids, settings.max_prompt_tokens, "serve.max_prompt_tokens")
+        ids = prompts.messages_prompt(messages)
+        return prompts.check_length(ids, settings.max_prompt_tokens, "serve.max_prompt_tokens")
 
     @app.post("/v1/classify")
     async def classify(request: Request):
         body = await _body(request, ClassifyBody)
         if isinstance(body, JSONResponse):
             return body
-        if body.model not in (None, settings.model_name):
-            message = f"model {body.model!r} does not exist; this server serves {settings.model_name!r}"
-            return _error(404, message, "not_found_error")
-        max_tokens = capped(body.max_tokens or min(settings.max_tokens, predictor.generation.max_new_tokens))
+        name = body.model or settings.model_name
+        if name not in models:
+            return unknown(name)
+        served = models[name]
+        max_tokens = capped(body.max_tokens or min(settings.max_tokens, served.predictor.generation.max_new_tokens))
         if isinstance(max_tokens, JSONResponse):
             return max_tokens
         try:
-            task = predictor.task(body.task)
-            ids, _ = await off_loop(lambda: predictor.post_prompt(task, body.text, body.aspect, truncate=False))
+            task = served.predictor.task(body.task)
+            ids, _ = await off_loop(lambda: served.predictor.post_prompt(task, body.text, body.aspect, truncate=False))
         except InputError as e:
             return _error(400, str(e))
         try:
-            row = RowRequest(ids, max_tokens, sampling=body.sampling())
+            row = RowRequest(ids, max_tokens, sampling=body.sampling(), adapter=served.adapter)
             (result,) = await Generation(backend, request, [row], settings.timeout_s).wait()
         except REFUSED as e:
             return _refusal(e, settings)
         state["served"] += 1
         answer: dict[str, Any] = read(task, result.text).as_dict(task)
         # Label likelihoods (scores.enabled, hf backend): one forward over the prompt and the label sentences.
-        scores = (await asyncio.to_thread(predictor.label_scores, [task.name], [ids]))[0]
+        scores = (await asyncio.to_thread(served.predictor.label_scores, [task.name], [ids]))[0]
         return {
             **answer,
             "aspect": body.aspect or "",
@@ -433,7 +446,7 @@ def create_app(backend: Backend, settings: ServeSettings, *, api_key: str | None
             "scores": scores,
             "finish_reason": result.finish_reason,
             "notice": NOTICE,
-            "model": settings.model_name,
+            "model": name,
         }
 
     app.state.counters = state

@@ -10,13 +10,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from mentalglm.config import ServeSettings
 from mentalglm.runtime.generation import RowRequest, RowResult
 from mentalglm.serving.batcher import Cancelled, DynamicBatcher, QueueFull
 from mentalglm.serving.predictor import Predictor
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model id of the server: its prompts (rendered with its run's templates) and its LoRA adapter on the
+    shared base (the adapter's name there; None: the base alone)."""
+
+    predictor: Predictor
+    adapter: str | None
+
+
+PRIMARY = "default"  # peft's name of the adapter loaded first (adapter= / run_dir=)
 
 
 class Backend(Protocol):
@@ -64,9 +76,13 @@ class VLLMBackend:
     name = "vllm"
 
     def __init__(self, predictor: Predictor, client, settings: ServeSettings):
+        from mentalglm.serving.vllm import BASE_NAME
+
         self.predictor, self.client = predictor, client
         self.queue_size, self.gate = settings.queue_size, asyncio.Semaphore(settings.max_batch_size * 4)
         self.waiting = 0
+        # adapter name -> the model name vLLM serves it under (the first adapter: the server's model name)
+        self.names = {PRIMARY: settings.model_name, None: BASE_NAME, "": client.model}
 
     def submit(self, rows: list[RowRequest]) -> list[Awaitable[RowResult]]:
         if self.waiting + len(rows) > self.queue_size:
@@ -82,7 +98,7 @@ class VLLMBackend:
         try:
             if row.cancelled():
                 raise Cancelled()
-            return await self.client.complete_row(row)
+            return await self.client.complete_row(row, model=self.names.get(row.adapter, row.adapter))
         finally:
             self.gate.release()
 

@@ -3,11 +3,13 @@
 Requests wait in a bounded queue; a worker thread takes the first, waits up to `max_wait_ms` for more (at most
 `max_batch_size`) and generates them as one batch (`runtime.generation.generate_rows`: each row keeps its own
 token cap, stop strings, streamed text and cancellation, so each answer equals the answer it would get alone).
-A full queue is refused at once (the server answers 503), never left to grow.
+A full queue is refused at once (the server answers 503), never left to grow. With several LoRA adapters on one
+base, a batch's rows are generated adapter by adapter (each group one `generate`, the adapter switched between).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -76,19 +78,37 @@ class DynamicBatcher:
                 live.append((row, future))
             if not live:
                 continue
-            try:
-                texts = generate_rows(self.model, self.tokenizer, [row for row, _ in live])
-            except Exception as e:  # a failed batch fails its requests, not the server
-                log.exception("generation failed for a batch of %d", len(live))
-                for _, future in live:
-                    future.set_exception(e)
-                continue
-            self.batches += 1
-            self.batch_sizes.append(len(live))
-            for (_, future), text in zip(live, texts):
-                future.set_result(text)
+            groups: dict[str | None, list[tuple[RowRequest, Future]]] = {}
+            for row, future in live:
+                groups.setdefault(row.adapter, []).append((row, future))
+            for adapter, group in groups.items():
+                self._generate(adapter, group)
+
+    def _generate(self, adapter: str | None, group: list[tuple[RowRequest, Future]]) -> None:
+        try:
+            with using_adapter(self.model, adapter):
+                results = generate_rows(self.model, self.tokenizer, [row for row, _ in group])
+        except Exception as e:  # a failed batch fails its requests, not the server
+            log.exception("generation failed for a batch of %d", len(group))
+            for _, future in group:
+                future.set_exception(e)
+            return
+        self.batches += 1
+        self.batch_sizes.append(len(group))
+        for (_, future), result in zip(group, results):
+            future.set_result(result)
 
     def close(self, timeout: float | None = None) -> None:
         """Finish what is queued and in flight, then stop (graceful shutdown)."""
         self._stop.set()
         self._thread.join(timeout)
+
+
+def using_adapter(model, adapter: str | None):
+    """The context in which `model` generates with `adapter` (a peft adapter name; None: the base alone; "": as is)."""
+    if adapter == "" or not hasattr(model, "peft_config"):
+        return contextlib.nullcontext()
+    if adapter is None:
+        return model.disable_adapter()
+    model.set_adapter(adapter)
+    return contextlib.nullcontext()

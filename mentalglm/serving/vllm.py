@@ -99,8 +99,10 @@ class VLLMServer:
         max_model_len: int,
         log_file: Path,
         dtype: str | None = None,
+        more_adapters: dict[str, str] | None = None,
     ):
         self.cfg, self.model_path, self.adapter, self.adapter_name = cfg, model_path, adapter, adapter_name
+        self.more_adapters = dict(more_adapters or {})  # name -> adapter dir, beside the first
         self.max_model_len, self.log_file, self.dtype = max_model_len, Path(log_file), dtype or cfg.dtype
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -136,14 +138,10 @@ class VLLMServer:
             cmd += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
         if cfg.enforce_eager or (cfg.enforce_eager is None and on_cpu()):
             cmd.append("--enforce-eager")
-        if self.adapter:
-            cmd += [
-                "--enable-lora",
-                "--lora-modules",
-                f"{self.adapter_name}={self.adapter}",
-                "--max-lora-rank",
-                str(cfg.max_lora_rank),
-            ]
+        modules = ({self.adapter_name: self.adapter} if self.adapter else {}) | self.more_adapters
+        if modules:
+            cmd += ["--enable-lora", "--lora-modules", *(f"{name}={path}" for name, path in modules.items())]
+            cmd += ["--max-loras", str(len(modules)), "--max-lora-rank", str(cfg.max_lora_rank)]
         return cmd + list(cfg.extra_args)
 
     def __enter__(self) -> VLLMServer:
@@ -258,11 +256,11 @@ class VLLMClient:
         result = await self.complete_row(RowRequest(list(prompt), max_tokens, tuple(stop)))
         return result.text, result.finish_reason == "length"
 
-    async def complete_row(self, row: RowRequest) -> RowResult:
-        """A serving row's answer (its sampling, stop strings and cap), with vLLM's token count and finish reason;
-        `row.on_text` receives it piece by piece as it streams."""
+    async def complete_row(self, row: RowRequest, model: str | None = None) -> RowResult:
+        """A serving row's answer (its sampling, stop strings and cap) from `model` (the client's by default), with
+        vLLM's token count and finish reason; `row.on_text` receives it piece by piece as it streams."""
         stop = list(row.stop_strings)
-        body = self._body(row.prompt, row.max_new_tokens, stop, row.sampling)
+        body = self._body(row.prompt, row.max_new_tokens, stop, row.sampling) | ({"model": model} if model else {})
         if row.ignore_eos:
             body["extra_body"] |= {"ignore_eos": True}
         if row.on_text is None:
