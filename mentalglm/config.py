@@ -272,6 +272,8 @@ class PredictConfig(RunConfig):
     aspect: str | None = None
     output: str | None = None  # null = predictions.jsonl in the run directory
     resume: Any = False
+    # Posts typed (or piped) line by line, each answered at once on the console; nothing is written unless output=.
+    interactive: bool = False
     output_dir: str = MISSING
 
 

@@ -189,3 +189,38 @@ def test_predict_prompts_carry_the_description_when_the_adapter_was_trained_with
     ids, truncated = p.post_prompt(TASKS["sos_hl_1k"], "最近好累")
     text = p.tokenizer.decode(ids)
     assert ("低自杀风险：帖子表达了负面情绪" in text) is described and "最近好累" in text and not truncated
+
+
+def test_interactive_predict_answers_each_line_and_writes_nothing_unless_asked(tmp_path, cli_cache, adapter):
+    """predict.py interactive=true: posts piped line by line, each answered (labels, explanation), task switched with
+    /task, a bad line answered with an error and the session going on; no file unless output=, and then no post."""
+    post = "最近总是失眠，觉得活着很累。"
+    lines = [post, "", "/task nope", "/task cp", "I feel like a burden to everyone.", "   ", "/quit", "not read"]
+
+    def session(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "predict.py"), f"paths.cache_dir={cli_cache}", *MODEL, f"adapter={adapter}"]
+            + ["interactive=true", "task=sos_hl_1k", "generation.max_new_tokens=16", *extra],
+            input="\n".join(lines) + "\n",
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=cli_env(tmp_path / "outputs"),
+            timeout=300,
+        )
+
+    proc = session()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert out.count("labels: ") == 2 and out.count("explanation: ") == 2 and "not diagnoses" in out
+    assert "error: unknown task 'nope'" in out and "task: cp" in out
+    assert out.strip().splitlines()[-1] == "2 posts answered; nothing written"
+    written = [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()]
+    assert not [p for p in written if post in p.read_text(errors="replace")]
+    assert not [p for p in written if p.suffix == ".jsonl"]
+
+    saved = tmp_path / "answers.jsonl"
+    proc = session(f"output={saved}")
+    rows = read_jsonl(saved)
+    assert proc.returncode == 0 and len(rows) == 2 and [r["task"] for r in rows] == ["sos_hl_1k", "cp"]
+    assert post not in saved.read_text(encoding="utf-8")

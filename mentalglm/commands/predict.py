@@ -8,6 +8,7 @@ the final file is written atomically, in input order.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -86,6 +87,11 @@ def predict(cfg: DictConfig) -> list[dict]:
     names = selected_tasks(cfg, tasks)
     if cfg.get("task") and cfg.task not in names:
         raise ConfigError(f"task={cfg.task} is not a task of data={cfg.data.name}: {', '.join(names)}")
+    if cfg.get("interactive"):
+        if cfg.get("text") or cfg.get("input"):
+            raise ConfigError("interactive=true reads posts from the console: leave out text= and input=")
+        interactive(cfg, {n: tasks[n] for n in names})
+        return []
     items = read_items(cfg, names)
     adapter = resolve_adapter(cfg)
     out_dir = Path(cfg.output_dir)
@@ -173,3 +179,103 @@ def predict(cfg: DictConfig) -> list[dict]:
     if cfg.get("text"):
         print(json.dumps(rows[0], ensure_ascii=False, indent=1))
     return rows
+
+
+HELP = (
+    "Type or paste a post and press Enter: labels and explanation follow. /task NAME switches the task ({tasks}), "
+    "/aspect NAME the aspect, /quit (or Ctrl-D) ends."
+)
+
+
+def interactive(cfg: DictConfig, tasks: dict) -> None:
+    """interactive=true: each line from the console is a post of the current task, answered at once (labels,
+    explanation, scores). Nothing is written to disk unless output= names a file (rows without the posts)."""
+    import sys
+
+    from mentalglm.serving.predictor import NOTICE, InputError, read
+
+    adapter = resolve_adapter(cfg)
+    hf = cfg.generation.backend == "hf"
+    predictor = build_predictor(cfg, tasks, adapter, load=hf)
+    task = predictor.task(cfg.get("task") or next(iter(tasks)))
+    aspect = cfg.get("aspect") or (task.aspects[0] if task.aspects else "")
+    output = open(cfg.output, "a", encoding="utf-8") if cfg.get("output") else contextlib.nullcontext()
+    with output as out, _generator(cfg, predictor, adapter) as generate:
+        print(f"notice: {NOTICE}")
+        print(HELP.format(tasks=", ".join(tasks)))
+        count = 0
+        for line in sys.stdin:
+            post = line.strip()
+            if not post:
+                continue
+            if post in ("/quit", "/exit"):
+                break
+            if post.startswith("/task ") or post.startswith("/aspect "):
+                command, _, value = post.partition(" ")
+                try:
+                    if command == "/task":
+                        task = predictor.task(value.strip())
+                        aspect = task.aspects[0] if task.aspects else ""
+                    elif value.strip() in task.aspects:
+                        aspect = value.strip()
+                    else:
+                        raise InputError(f"task {task.name} has the aspects: {', '.join(task.aspects) or 'none'}")
+                except InputError as e:
+                    print(f"error: {e}")
+                    continue
+                print(f"task: {task.name}" + (f", aspect: {aspect}" if aspect else ""))
+                continue
+            try:
+                ids, cut = predictor.post_prompt(task, post, aspect)
+            except InputError as e:
+                print(f"error: {e}")
+                continue
+            result = read(task, generate(ids), cut).as_dict(task)
+            scores = predictor.label_scores([task.name], [ids])[0]
+            count += 1
+            print(answer_lines(result, scores))
+            if out is not None:
+                row = {"id": str(count), "aspect": aspect, **result} | ({"scores": scores} if scores else {})
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                out.flush()
+    where = f"; {count} answers appended to {cfg.output}" if cfg.get("output") else "; nothing written"
+    print(f"{count} posts answered{where}")
+
+
+def answer_lines(result: dict, scores: dict | None) -> str:
+    """One answer for the console: labels (with their display names), the explanation, the scores."""
+    named = [
+        f"{lab} ({name})" if name and name != lab else lab for lab, name in zip(result["labels"], result["label_names"])
+    ]
+    lines = [f"labels: {', '.join(named) if result['parsed'] else '(no label the task knows)'}"]
+    lines.append(f"explanation: {result['explanation'] or '(none) ' + result['output']}")
+    if scores:
+        probs = scores["calibrated"] or scores["probabilities"]
+        kind = "calibrated" if scores["calibrated"] else "uncalibrated label likelihoods"
+        lines.append("scores: " + " · ".join(f"{k} {100 * v:.1f}%" for k, v in probs.items()) + f" ({kind})")
+    if result["truncated"]:
+        lines.append("(the post was cut to fit data.max_length)")
+    return "\n".join(lines) + "\n"
+
+
+@contextlib.contextmanager
+def _generator(cfg: DictConfig, predictor, adapter: str | None):
+    """generate(prompt ids) -> answer text, on the configured backend (vLLM started once for the session)."""
+    max_new = predictor.generation.max_new_tokens
+    if cfg.generation.backend == "hf":
+        from mentalglm.runtime.generation import generate_batch
+
+        yield lambda ids: generate_batch(predictor.model, predictor.tokenizer, [ids], max_new_tokens=max_new)[0]
+        return
+    from mentalglm.models.loading import resolve_pretrained
+    from mentalglm.serving.vllm import vllm_generator
+
+    with vllm_generator(
+        predictor.generation.vllm,
+        resolve_pretrained(predictor.model_cfg, cfg.paths.cache_dir),
+        predictor.tokenizer,
+        adapter=adapter,
+        max_model_len=predictor.data.max_length + max_new,
+        log_file=Path(cfg.output_dir) / "vllm.log",
+    ) as generate:
+        yield lambda ids: generate([ids], max_new)[0][0]
