@@ -138,7 +138,12 @@ def test_disconnect_mid_stream_leaves_the_server_healthy(server, client):
         ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "temperature": 3}, 400, "temperature"),
         ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
         ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "temperature": "0.7"}, 400, "temperature"),
-        ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "logprobs": 2}, 400, "logprobs is not supported"),
+        (
+            "/v1/completions",
+            {"model": "mentalglm", "prompt": "hi", "tools": [{"type": "function"}]},
+            400,
+            "tools is not",
+        ),
         ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
         ("/v1/completions", {"model": "mentalglm", "prompt": "hi", "n": 99}, 400, "at most 8 (serve.max_choices)"),
         (

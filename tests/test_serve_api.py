@@ -161,6 +161,63 @@ def test_content_parts_stream_usage_and_accepted_defaults(server):
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] > 0
 
 
+def test_logprobs_of_the_tokens_returned(server, cli_cache, adapter):
+    import torch
+    from omegaconf import OmegaConf
+
+    from mentalglm.config import DataConfig, GenerationConfig, as_config
+    from mentalglm.serving.predictor import Predictor
+    from mentalglm.tasks import TASKS
+
+    r = chat(server, logprobs=True, top_logprobs=3)
+    content = r["choices"][0]["logprobs"]["content"]
+    assert len(content) == r["usage"]["completion_tokens"]
+    for token in content:  # greedy, no penalties: the chosen token is the most likely one
+        assert len(token["top_logprobs"]) == 3 and token["logprob"] == token["top_logprobs"][0]["logprob"] <= 0
+        assert token["bytes"] == list(token["token"].encode("utf-8", "replace"))
+    alone = Predictor(
+        OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model/tiny_glm.yaml")),
+        {"sos_hl_1k": TASKS["sos_hl_1k"]},
+        str(adapter),
+        cache_dir=cli_cache,
+        data=as_config(DataConfig, {"name": "t"}),
+        generation=GenerationConfig(),
+    )
+    ids = alone.messages_prompt([{"role": "user", "content": POST}])
+    with torch.no_grad():
+        first = torch.log_softmax(alone.model(torch.tensor([ids])).logits[0, -1].float(), -1)
+    assert abs(first.max().item() - content[0]["logprob"]) < 1e-4  # the model's own distribution
+
+    text_choice = post(
+        server, "/v1/completions", {"model": "mentalglm", "prompt": POST, "max_tokens": 8, "logprobs": 2}
+    )
+    found = text_choice.json()["choices"][0]["logprobs"]
+    assert len(found["tokens"]) == len(found["token_logprobs"]) == text_choice.json()["usage"]["completion_tokens"]
+    assert all(len(top) <= 2 for top in found["top_logprobs"]) and found["text_offset"][0] == 0
+    assert chat(server)["choices"][0]["logprobs"] is None
+    sampled = chat(server, logprobs=True, temperature=1.0, seed=2)["choices"][0]["logprobs"]["content"]
+    assert all(t["logprob"] <= 0 and t["top_logprobs"] == [] for t in sampled)
+
+
+@pytest.mark.parametrize(
+    "path,fields,message",
+    [
+        ("/v1/chat/completions", {"logprobs": 2}, "true or false"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "needs logprobs: true"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "stream": True}, "stream=true"),
+        ("/v1/completions", {"logprobs": True}, "number of alternatives"),
+        ("/v1/completions", {"logprobs": 21}, "0 to 20"),
+    ],
+)
+def test_logprobs_asked_wrongly_get_a_400(server, path, fields, message):
+    body = {"model": "mentalglm", "max_tokens": 4} | (
+        {"messages": [{"role": "user", "content": POST}]} if "chat" in path else {"prompt": POST}
+    )
+    r = post(server, path, body | fields)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
 def test_classify_is_greedy_unless_asked_to_sample(server):
     body = {"task": "sos_hl_1k", "text": POST, "max_tokens": 32}
     greedy = post(server, "/v1/classify", body).json()

@@ -103,6 +103,12 @@ def test_vllm_serves_the_adapter_and_answers_as_the_hf_backend(vllm_server, cli_
         for _ in range(2)
     ]
     assert seeded[0].choices[0].message.content == seeded[1].choices[0].message.content
+    scored = client.chat.completions.create(
+        model="mentalglm", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = scored.choices[0].logprobs.content
+    assert len(content) == scored.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob, abs=1e-5) and content[0].logprob <= 0
     vllm_log = next(vllm_server.outputs.rglob("vllm.log")).read_text(errors="replace")
     assert "谁能懂我" not in vllm_log  # vLLM runs with request logging off
 

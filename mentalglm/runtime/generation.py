@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -210,16 +210,65 @@ class RowRequest:
     # The LoRA adapter that generates it (several served by one base): its name, None for the base without
     # adapters, "" for the model as it stands.
     adapter: str | None = ""
+    logprobs: int | None = None  # record each token's log-probability and this many top alternatives (None: off)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token, its log-probability under the model's own distribution (before temperature, penalties
+    and top-k/p, as vLLM reports by default) and the most likely alternatives at its position."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class RowResult:
     """One row's answer, the tokens generated for it (the end token not counted) and why it ended: `length`
-    exactly when its token cap cut it, else `stop` (end token, stop string or cancellation)."""
+    exactly when its token cap cut it, else `stop` (end token, stop string or cancellation); `logprobs` per
+    generated token when the row asked for them."""
 
     text: str
     tokens: int
     finish_reason: str
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+class RowLogprobs(LogitsProcessor):
+    """First in the processor list: keeps, for each row asking for logprobs, the log-softmax of the raw logits of
+    the step before, and once the next step shows which token was chosen, that token's log-probability and the
+    top alternatives (a token's choice is only seen a step later; `finish` reads the last one)."""
+
+    def __init__(self, tokenizer, rows: list[RowRequest], prompt_width: int):
+        self.tokenizer, self.rows, self.prompt_width = tokenizer, rows, prompt_width
+        self.previous: list[torch.Tensor | None] = [None] * len(rows)
+        self.recorded: list[list[TokenLogprob]] = [[] for _ in rows]
+
+    def _resolve(self, i: int, token: int) -> None:
+        logprobs, k = self.previous[i], self.rows[i].logprobs or 0
+        top = ()
+        if k:
+            values, ids = torch.topk(logprobs, k)
+            top = tuple((self.tokenizer.decode([t]), float(v)) for t, v in zip(ids.tolist(), values.tolist()))
+        self.recorded[i].append(TokenLogprob(self.tokenizer.decode([token]), float(logprobs[token]), top))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for i, row in enumerate(self.rows):
+            if row.logprobs is None:
+                continue
+            if self.previous[i] is not None:
+                self._resolve(i, int(input_ids[i, -1]))
+            self.previous[i] = torch.log_softmax(scores[i].float(), dim=-1)
+        return scores
+
+    def finish(self, i: int, generated: list[int], tokens: int) -> tuple[TokenLogprob, ...] | None:
+        """Row i's logprobs for its first `tokens` generated tokens."""
+        if self.rows[i].logprobs is None:
+            return None
+        if len(self.recorded[i]) < len(generated) and self.previous[i] is not None:
+            self._resolve(i, generated[len(self.recorded[i])])
+        return tuple(self.recorded[i][:tokens])
 
 
 class RowSampler(LogitsProcessor):
@@ -340,12 +389,14 @@ def generate_rows(model, tokenizer, rows: list[RowRequest]) -> list[RowResult]:
         if any(r.ignore_eos for r in rows):
             config.eos_token_id = []  # RowControl ends the other rows at their end token (None: the model default)
         control = RowControl(tokenizer, rows, width)
-        sampled = [] if all(r.sampling.greedy for r in rows) else [RowSampler(rows, width, device)]
+        recorder = RowLogprobs(tokenizer, rows, width) if any(r.logprobs is not None for r in rows) else None
+        processors = [] if recorder is None else [recorder]
+        processors += [] if all(r.sampling.greedy for r in rows) else [RowSampler(rows, width, device)]
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=config,
-            logits_processor=LogitsProcessorList(sampled),
+            logits_processor=LogitsProcessorList(processors),
             stopping_criteria=StoppingCriteriaList([control]),
             synced_gpus=False,
         )
@@ -354,4 +405,9 @@ def generate_rows(model, tokenizer, rows: list[RowRequest]) -> list[RowResult]:
     for i in range(len(rows)):
         if control.results[i] is None:  # generate stopped at its own cap before the row's last check
             control.step(i, out[i, width:].tolist(), last=True)
-    return list(control.results)
+    if recorder is None:
+        return list(control.results)
+    return [
+        replace(r, logprobs=recorder.finish(i, out[i, width:].tolist(), r.tokens))
+        for i, r in enumerate(control.results)
+    ]

@@ -30,11 +30,18 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from mentalglm.config import ServeSettings
-from mentalglm.runtime.generation import RowRequest, RowResult
+from mentalglm.runtime.generation import RowRequest, RowResult, TokenLogprob
 from mentalglm.serving.backends import Backend, ServedModel
 from mentalglm.serving.batcher import Cancelled, QueueFull
 from mentalglm.serving.predictor import NOTICE, InputError, Predictor, read
-from mentalglm.serving.schema import ChatBody, ClassifyBody, CompletionBody, OpenAIBody, refused_field
+from mentalglm.serving.schema import (
+    ChatBody,
+    ClassifyBody,
+    CompletionBody,
+    OpenAIBody,
+    logprobs_asked,
+    refused_field,
+)
 
 log = logging.getLogger("mentalglm.serve")
 OPEN_PATHS = ("/health", "/ready", "/")  # probes and the page (which asks for the key itself)
@@ -139,6 +146,36 @@ class Generation:
 async def _client_leaves(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def chat_logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> dict | None:
+    """A chat choice's `logprobs`, as OpenAI shapes it."""
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "replace"))}
+
+    if logprobs is None:
+        return None
+    return {
+        "content": [entry(t.token, t.logprob) | {"top_logprobs": [entry(*alt) for alt in t.top]} for t in logprobs],
+        "refusal": None,
+    }
+
+
+def text_logprobs(logprobs: tuple[TokenLogprob, ...] | None) -> dict | None:
+    """A completion choice's `logprobs` (the legacy shape: tokens, token_logprobs, top_logprobs, text_offset)."""
+    if logprobs is None:
+        return None
+    offsets, at = [], 0
+    for t in logprobs:
+        offsets.append(at)
+        at += len(t.token)
+    return {
+        "tokens": [t.token for t in logprobs],
+        "token_logprobs": [t.logprob for t in logprobs],
+        "top_logprobs": [dict(t.top) for t in logprobs],
+        "text_offset": offsets,
+    }
 
 
 def _refusal(e: Exception, settings: ServeSettings) -> JSONResponse:
@@ -255,6 +292,8 @@ def create_app(
             return unknown(body.model)
         if refused := refused_field(body):
             return _error(400, refused)
+        if isinstance(asked := logprobs_asked(body, isinstance(body, ChatBody)), str):
+            return _error(400, asked)
         if (body.n or 1) > settings.max_choices:
             return _error(400, f"n is {body.n}; this server allows at most {settings.max_choices} (serve.max_choices)")
         if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
@@ -277,6 +316,7 @@ def create_app(
                 sampling=body.sampling(i),
                 ignore_eos=body.ignore_eos,
                 adapter=models[body.model].adapter,
+                logprobs=logprobs_asked(body, isinstance(body, ChatBody)),
             )
             for i in range(body.n or 1)
         ]
@@ -291,9 +331,14 @@ def create_app(
             return _refusal(e, settings)
         state["served"] += 1
         choices = [
-            {"index": i, "message": {"role": "assistant", "content": r.text}, "finish_reason": r.finish_reason}
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": chat_logprobs(r.logprobs),
+                "finish_reason": r.finish_reason,
+            }
             if kind == "chat"
-            else {"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+            else {"index": i, "text": r.text, "logprobs": text_logprobs(r.logprobs), "finish_reason": r.finish_reason}
             for i, r in enumerate(results)
         ]
         return {

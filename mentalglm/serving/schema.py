@@ -64,9 +64,10 @@ class OpenAIBody(SamplingFields):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate to the cap
     response_format: ResponseFormat | None = None
+    # chat: logprobs true (+ top_logprobs 0-20); completions: logprobs 0-20 (the number of alternatives)
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     # Defined by OpenAI, not available here: refused by name when set (see UNSUPPORTED).
-    logprobs: Any = None
-    top_logprobs: Any = None
     logit_bias: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -84,8 +85,6 @@ class OpenAIBody(SamplingFields):
 
 # field -> values that ask for nothing (OpenAI's defaults), anything else is refused with a 400 naming the field
 UNSUPPORTED = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none", "auto"),
@@ -95,6 +94,23 @@ UNSUPPORTED = {
     "echo": (None, False),
     "suffix": (None, ""),
 }
+
+
+def logprobs_asked(body: OpenAIBody, chat: bool) -> int | None | str:
+    """How many alternatives per token the request asks logprobs for (None: no logprobs), or the error."""
+    if chat:
+        if body.logprobs is not None and not isinstance(body.logprobs, bool):
+            return "logprobs: true or false in a chat request (top_logprobs gives the number of alternatives)"
+        if body.top_logprobs is not None and body.logprobs is not True:
+            return "top_logprobs needs logprobs: true"
+        asked = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        if isinstance(body.logprobs, bool) or (body.logprobs is not None and not 0 <= body.logprobs <= 20):
+            return "logprobs: the number of alternatives per token, 0 to 20, in a completion request"
+        asked = body.logprobs
+    if asked is not None and body.stream:
+        return "logprobs with stream=true is not supported by this server; ask without streaming"
+    return asked
 
 
 def refused_field(body: OpenAIBody) -> str | None:

@@ -24,7 +24,15 @@ import httpx
 from mentalglm.config import VLLMConfig
 from mentalglm.errors import ConfigError
 from mentalglm.network import free_port
-from mentalglm.runtime.generation import GREEDY, RowRequest, RowResult, Sampling, cut_at_stop_strings, stop_token_ids
+from mentalglm.runtime.generation import (
+    GREEDY,
+    RowRequest,
+    RowResult,
+    Sampling,
+    TokenLogprob,
+    cut_at_stop_strings,
+    stop_token_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -263,13 +271,16 @@ class VLLMClient:
         body = self._body(row.prompt, row.max_new_tokens, stop, row.sampling) | ({"model": model} if model else {})
         if row.ignore_eos:
             body["extra_body"] |= {"ignore_eos": True}
+        if row.logprobs is not None:
+            body["logprobs"] = row.logprobs
         if row.on_text is None:
             response = await self.client.completions.create(**body)
             choice = response.choices[0]
             ids = list(getattr(choice, "token_ids", None) or [])
             text, reason = self._final(ids, choice.text, stop), choice.finish_reason
             tokens = self._count(ids, response.usage.completion_tokens if response.usage else 0)
-            return RowResult(text, tokens, "length" if reason == "length" else "stop")
+            logprobs = None if row.logprobs is None else self._logprobs(choice.logprobs, row.logprobs, tokens)
+            return RowResult(text, tokens, "length" if reason == "length" else "stop", logprobs)
         stream, ids, reason = StreamText(row.on_text), [], None
         async for chunk in await self.client.completions.create(**body, stream=True):
             if chunk.choices:
@@ -278,6 +289,18 @@ class VLLMClient:
                 reason = chunk.choices[0].finish_reason or reason
         text = stream.finish(self._final(ids, stream.text, stop))
         return RowResult(text, self._count(ids, 0), "length" if reason == "length" else "stop")
+
+    @staticmethod
+    def _logprobs(found, alternatives: int, tokens: int) -> tuple[TokenLogprob, ...]:
+        """vLLM's legacy-shaped logprobs as the hf backend's, for the first `tokens` tokens (the end token not)."""
+        if found is None:
+            return ()
+        tops = found.top_logprobs or [None] * len(found.tokens)
+        out = []
+        for token, logprob, top in list(zip(found.tokens, found.token_logprobs, tops))[:tokens]:
+            ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])[:alternatives]
+            out.append(TokenLogprob(token, float(logprob), tuple(ranked)))
+        return tuple(out)
 
     def _count(self, ids: list[int], reported: int) -> int:
         """Tokens generated, the end token not counted (as the hf backend counts)."""
