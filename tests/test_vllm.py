@@ -32,6 +32,33 @@ EVAL = [
 ]
 
 
+def vllm_servers() -> set[int]:
+    """The pids of vLLM API servers running on this machine."""
+    from pathlib import Path
+
+    found = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"vllm.entrypoints.openai.api_server" in cmdline.read_bytes():
+                found.add(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_engine_left_behind():
+    """Every vLLM server this module's runs started is gone once they are done (the suite leaves no process)."""
+    import time
+
+    before = vllm_servers()
+    yield
+    deadline = time.monotonic() + 60
+    while (left := vllm_servers() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"vLLM servers left running: {sorted(left)}"
+
+
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, cli_cache):
     # Trained, not random: a random tiny model's logits are nearly flat, and fp32 engines then part ways on
