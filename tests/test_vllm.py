@@ -3,6 +3,7 @@ openai client equal the hf backend's answers; evaluate.py and the final test of 
 generation.backend=vllm give the hf backend's predictions. Two vLLM start-ups in all (each ~1 minute here)."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import FAST_DEMO
@@ -32,29 +33,32 @@ EVAL = [
 ]
 
 
-def vllm_servers() -> set[int]:
-    """The pids of vLLM API servers running on this machine."""
-    from pathlib import Path
-
+def vllm_servers(started_under: Path) -> set[int]:
+    """The pids of vLLM API servers started by runs whose outputs are under `started_under` (their environment
+    says so: MENTALGLM_OUTPUT, passed on by serve.py and train.py), so another test worker's are not counted."""
     found = set()
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if b"vllm.entrypoints.openai.api_server" in cmdline.read_bytes():
-                found.add(int(cmdline.parent.name))
+            if b"vllm.entrypoints.openai.api_server" not in cmdline.read_bytes():
+                continue
+            environ = (cmdline.parent / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
+        output = next((e[len(b"MENTALGLM_OUTPUT=") :] for e in environ if e.startswith(b"MENTALGLM_OUTPUT=")), b"")
+        if output.decode(errors="replace").startswith(str(started_under)):
+            found.add(int(cmdline.parent.name))
     return found
 
 
 @pytest.fixture(scope="module", autouse=True)
-def no_engine_left_behind():
-    """Every vLLM server this module's runs started is gone once they are done (the suite leaves no process)."""
+def no_engine_left_behind(tmp_path_factory):
+    """Every vLLM server this worker's runs started is gone once they are done (the suite leaves no process)."""
     import time
 
-    before = vllm_servers()
     yield
+    base = tmp_path_factory.getbasetemp()
     deadline = time.monotonic() + 60
-    while (left := vllm_servers() - before) and time.monotonic() < deadline:
+    while (left := vllm_servers(base)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"vLLM servers left running: {sorted(left)}"
 
