@@ -9,7 +9,9 @@ appended to LOG (with the time), so a test counts what the server received; DELA
 this long (a remote API's latency). Faults:
   429 500 slow malformed empty   the first request of a bucket of prompts fails that way, the retry succeeds
   truncated disagree unparsed    a bucket of prompts always gets that answer
-  auth quota                     every request: 401 / 429 insufficient_quota
+  drip                           the first request of a bucket gets its body one byte every 0.25 s
+  japanese                       a bucket of prompts always gets its explanation in Japanese
+  auth quota quote400            every request: 401 / 429 insufficient_quota / 400 quoting the prompt
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections import Counter
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 PORT, LOG = int(sys.argv[1]), sys.argv[2]
 FAULTS = set(filter(None, (sys.argv[3] if len(sys.argv) > 3 else "").split(",")))
@@ -33,8 +35,8 @@ SLOW_S = 3.0
 attempts: Counter = Counter()
 app = FastAPI()
 
-BUCKETS = {"429": 0, "500": 1, "slow": 2, "malformed": 3, "empty": 4}  # first attempt only, of hash % 11
-ALWAYS = {"truncated": 5, "disagree": 6, "unparsed": 7}  # hash % 11
+BUCKETS = {"429": 0, "500": 1, "slow": 2, "malformed": 3, "empty": 4, "drip": 9}  # first attempt only, hash % 11
+ALWAYS = {"truncated": 5, "disagree": 6, "unparsed": 7, "japanese": 8}  # hash % 11
 
 
 def reply(content: str, finish: str = "stop") -> JSONResponse:
@@ -88,6 +90,8 @@ async def chat(request: Request):
     bucket = int(sha, 16) % 11
     if "auth" in FAULTS:
         return JSONResponse({"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}, 401)
+    if "quote400" in FAULTS:  # like some APIs, an error that quotes what it was sent
+        return JSONResponse({"error": {"message": f"Invalid content in request: {prompt[-300:]}"}}, 400)
     if "quota" in FAULTS:
         return JSONResponse({"error": {"message": "You exceeded your quota", "code": "insufficient_quota"}}, 429)
     if body.get("model") != MODEL:
@@ -103,11 +107,21 @@ async def chat(request: Request):
         return PlainTextResponse('{"id": "x", "choices": [', media_type="application/json")
     if first and fault == "empty":
         return reply("")
+    if first and fault == "drip":
+
+        async def drip():
+            for byte in b'{"id": "x", "object": "chat.completion", "choices": []}':
+                yield bytes([byte])
+                await asyncio.sleep(0.25)
+
+        return StreamingResponse(drip(), media_type="application/json")
     always = next((f for f, b in ALWAYS.items() if f in FAULTS and b == bucket), None)
     if always == "truncated":
         return reply(answer(prompt)[:12], "length")
     if always == "disagree":
         return reply(wrong(prompt))
+    if always == "japanese" and (m := re.search(r"先原样写出“(.+?)”，接着写“(.+?)”", prompt)):
+        return reply(f"{m.group(1)}{m.group(2)}投稿の表現はこの判断を支持しています。とても疲れているようです。")
     if always == "unparsed":
         return reply("这个问题很难回答。\r帖子里没有说。")  # a bare CR: the sheet must quote it or it ends the row
     return reply(answer(prompt))

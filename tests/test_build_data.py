@@ -480,3 +480,63 @@ def test_bad_settings_are_one_line_before_any_request(run_cli, tmp_path, teacher
     proc = build(run_cli, tmp_path, teacher.url, "data.select=[sos_hl_1k]", *overrides, check=False)
     assert message in error_line(proc)
     assert len(teacher.requests()) == before
+
+
+# ----------------------------------------------------------------------------- a teacher that misbehaves
+def test_a_drip_fed_body_times_out_and_japanese_is_not_chinese(run_cli, tmp_path):
+    """teacher.timeout_s bounds the whole request (a body dripped one byte per 0.25 s is cut at 1 s and retried,
+    not read for 14 s); an explanation in Japanese is unparsed with that reason, not agreed Chinese data."""
+    srv = TeacherServer(tmp_path, "drip,japanese")
+    try:
+        build(run_cli, tmp_path, srv.url, "data.select=[sos_hl_1k]", "teacher.timeout_s=1", "teacher.concurrency=16")
+        requests = srv.requests()
+    finally:
+        srv.stop()
+    report = json.loads((last_run(tmp_path) / "build_report.json").read_text())
+    prompts = {sha for sha, _ in requests}
+    dripped = sum(int(sha, 16) % 11 == 9 for sha in prompts)
+    japanese = sum(int(sha, 16) % 11 == 8 for sha in prompts)
+    assert dripped and japanese
+    assert report["usage"]["retries"] == {"timeout": dripped}
+    problems = Counter()
+    for v in report["tasks"].values():
+        problems.update(v.get("problems", {}))
+    assert all(p.startswith("explanation not in zh: Japanese kana") for p in problems)
+    assert sum(problems.values()) == japanese
+    sheet = (last_run(tmp_path) / "revision.csv").read_bytes().decode()
+    assert sheet.count("Japanese kana") == japanese
+
+
+def test_a_teacher_error_quoting_the_post_is_logged_without_it(run_cli, tmp_path):
+    srv = TeacherServer(tmp_path, "quote400")
+    try:
+        proc = build(run_cli, tmp_path, srv.url, "data.select=[sos_hl_1k]", "splits=[test]", check=False)
+    finally:
+        srv.stop()
+    line = error_line(proc)
+    assert "rejected the request (400)" in line and "withheld" in line and "sha256" in line
+    logged = proc.stdout + proc.stderr + "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.log"))
+    assert not any(post[:20] in logged for post in posts_of("test"))
+
+
+def test_the_cache_survives_corruption_and_is_locked_against_a_second_run(run_cli, tmp_path, teacher):
+    from mentalglm.teacher.cache import ResponseCache
+
+    build(run_cli, tmp_path, teacher.url, "data.select=[sos_hl_1k]", "splits=[test]")
+    cache = tmp_path / "cache" / "responses.jsonl"
+    lines = cache.read_bytes().split(b"\n")[:-1]
+    lines[3] = lines[3][: len(lines[3]) // 2]  # a corrupt middle line
+    lines.insert(5, b'{"key": "\xff\xfe not utf-8"}')  # a bad byte
+    lines.insert(7, b'{"another": "shape"}')  # a line of another JSON shape
+    cache.write_bytes(b"\n".join(lines) + b"\n")
+    before = len(teacher.requests())
+    proc = build(run_cli, tmp_path, teacher.url, "data.select=[sos_hl_1k]", "splits=[test]")
+    assert len(teacher.requests()) - before == 1  # only the answer whose line was corrupt is asked again
+    assert "3 unreadable lines skipped" in proc.stdout + proc.stderr
+    report = json.loads((last_run(tmp_path) / "build_report.json").read_text())
+    assert report["requests"]["asked"] == 1 and report["requests"]["cached"] == len(lines) - 3
+
+    held = ResponseCache(cache)  # this process holds the cache, as a run still going would
+    assert held.entries
+    proc = build(run_cli, tmp_path, teacher.url, "data.select=[sos_hl_1k]", "splits=[test]", check=False)
+    assert "is in use by another run" in error_line(proc)

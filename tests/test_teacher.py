@@ -78,7 +78,16 @@ def test_the_prompt_holds_instruction_definitions_examples_post_and_gold_labels(
         ("很难判断。", "stop", ("unparsed", "no label found")),
         ("该帖子的发布者有高自杀风险。推理：帖子中", "length", ("unparsed", "truncated at teacher.max_tokens")),
         ("该帖子的发布者有高自杀风险。", "stop", ("unparsed", "no explanation after '推理：'")),
-        ("该帖子的发布者有高自杀风险。推理：The post states a plan.", "stop", ("unparsed", "explanation not in zh")),
+        (
+            "该帖子的发布者有高自杀风险。推理：The post states a plan.",
+            "stop",
+            ("unparsed", "explanation not in zh: too few Chinese characters"),
+        ),
+        (
+            "该帖子的发布者有高自杀风险。推理：投稿の表現はこの判断を支持しています。",
+            "stop",
+            ("unparsed", "explanation not in zh: Japanese kana (56% of the letters)"),
+        ),
     ],
 )
 def test_the_judge_of_a_teacher_answer(content, finish, expected):
@@ -88,6 +97,12 @@ def test_the_judge_of_a_teacher_answer(content, finish, expected):
 def test_language_check():
     assert P.has_language("帖子表达了明确的轻生念头。", "zh") and not P.has_language("The poster is sad.", "zh")
     assert P.has_language("The poster is sad.", "en") and not P.has_language("", "en")
+    # another language in a script near the expected one is not it
+    assert "Japanese kana" in P.language_problem("とても疲れているようです。", "zh")
+    assert "Korean hangul" in P.language_problem("게시물은 매우 피곤해 보입니다。", "zh")
+    assert P.language_problem("Пост говорит о плане.", "en") == "mostly other"
+    assert P.language_problem("帖子说他很累。", "en") == "mostly Chinese characters"
+    assert P.has_language("帖子提到了 PHQ-9 量表和 anxiety 一词。", "zh")  # some Latin in Chinese is still Chinese
 
 
 def test_rate_limits_hold_requests_and_tokens_to_the_window():

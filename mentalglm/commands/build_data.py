@@ -202,8 +202,8 @@ def judge(task: Task, gold: list[str], entry: dict) -> tuple[str, str | None]:
     explanation = explanation_part(task, content)
     if not explanation:
         return "unparsed", f"no explanation after {task.explanation_marker.strip()!r}"
-    if not P.has_language(explanation, task.language):
-        return "unparsed", f"explanation not in {task.language}"
+    if problem := P.language_problem(explanation, task.language):
+        return "unparsed", f"explanation not in {task.language}: {problem}"
     return "agreed", None
 
 
@@ -568,8 +568,8 @@ def translate(cfg: DictConfig) -> dict:
     def check(job: Job, reply: Reply) -> str | None:
         if not reply.content.strip():
             return "empty answer"
-        if not P.has_language(reply.content, "zh"):
-            return "not Chinese"
+        if problem := P.language_problem(reply.content, "zh"):
+            return f"not Chinese ({problem})"
         return None
 
     started = time.monotonic()

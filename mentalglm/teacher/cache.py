@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from pathlib import Path
 
-from mentalglm.fileio.atomic import append_jsonl, read_partial
+from mentalglm.errors import ConfigError
+from mentalglm.fileio.atomic import append_jsonl
+
+log = logging.getLogger(__name__)
 
 
 def sha256(text: str) -> str:
@@ -28,11 +33,24 @@ def cache_key(kind: str, item: str, prompt_sha: str, model: str, settings: dict)
 
 
 class ResponseCache:
+    """The cache file of one run at a time: a second run on the same file is refused while the first holds its lock
+    (each would ask every item again and append the same answers twice). Lines that cannot be read (a bad byte, a
+    corrupt or foreign line) are skipped and counted, the rest reused; a torn last line is cut off."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.entries: dict[str, dict] = {}
-        for row in read_partial(self.path):  # a torn last line (killed mid-write) is dropped and cut off
+        self.skipped = 0
+        self._lock = _lock(self.path)
+        for row in _read_lines(self.path, self):
             self.entries[row["key"]] = row
+        if self.skipped:
+            log.warning(
+                "%s: %d unreadable lines skipped (their answers will be asked again), %d answers reused",
+                self.path,
+                self.skipped,
+                len(self.entries),
+            )
 
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
@@ -40,3 +58,50 @@ class ResponseCache:
     def put(self, entry: dict) -> None:
         append_jsonl(self.path, entry, fsync=True)
         self.entries[entry["key"]] = entry
+
+
+_LOCKS: dict[Path, object] = {}  # cache path -> the open lock file this process holds (kept until exit)
+
+
+def _lock(path: Path):
+    """An exclusive lock beside the cache (`<cache>.lock`), held by this process until it ends."""
+    import fcntl
+
+    key = path.resolve()
+    if key in _LOCKS:
+        return _LOCKS[key]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - held open: the lock lives with it
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(
+            f"teacher cache {path} is in use by another run (its lock is held): wait for that run to end, or give "
+            "this one another teacher.cache"
+        ) from None
+    _LOCKS[key] = handle
+    return handle
+
+
+def _read_lines(path: Path, cache: ResponseCache) -> list[dict]:
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    complete = raw[: raw.rfind(b"\n") + 1]
+    if len(complete) < len(raw):  # killed mid-append: cut off, so the next append starts on a clean line
+        log.warning("%s: dropping a torn last line (%d bytes) left by an interruption", path, len(raw) - len(complete))
+        os.truncate(path, len(complete))
+    rows = []
+    for line in complete.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("content"), str):
+            rows.append(row)
+        else:
+            cache.skipped += 1
+    return rows

@@ -202,13 +202,17 @@ class TeacherClient:
                     raise self.fatal
                 event = await self.limiter.acquire(estimate)
                 try:
-                    response = await self.client.chat.completions.create(
-                        model=c.model,
-                        messages=messages,
-                        temperature=c.temperature,
-                        top_p=c.top_p,
-                        max_tokens=c.max_tokens,
-                        **({"seed": c.seed} if c.seed is not None else {}),
+                    # The client's timeout bounds each read; wait_for bounds the whole request (a drip-fed body too).
+                    response = await asyncio.wait_for(
+                        self.client.chat.completions.create(
+                            model=c.model,
+                            messages=messages,
+                            temperature=c.temperature,
+                            top_p=c.top_p,
+                            max_tokens=c.max_tokens,
+                            **({"seed": c.seed} if c.seed is not None else {}),
+                        ),
+                        timeout=c.timeout_s,
                     )
                 except openai.AuthenticationError:
                     raise TeacherError(
@@ -224,7 +228,7 @@ class TeacherClient:
                 except openai.RateLimitError as e:
                     if _quota_exhausted(e):
                         raise TeacherError(
-                            f"teacher at {c.base_url}: quota exhausted (429 {_message(e)}); "
+                            f"teacher at {c.base_url}: quota exhausted (429; {_message(e)}); "
                             "rerun when it is restored: answers so far are kept"
                         ) from None
                     reason, error = "429", e
@@ -234,7 +238,7 @@ class TeacherClient:
                             f"teacher at {c.base_url} rejected the request ({e.status_code}): {_message(e)}"
                         ) from None
                     reason, error = str(e.status_code), e
-                except openai.APITimeoutError as e:
+                except (openai.APITimeoutError, asyncio.TimeoutError) as e:
                     reason, error = "timeout", e
                 except openai.APIConnectionError as e:
                     reason, error = "connection", e
@@ -259,12 +263,13 @@ class TeacherClient:
 
 
 def _message(error) -> str:
+    """What a teacher's error says, reduced to a hash: its text may quote the prompt, and with it a post."""
+    import hashlib
+
     body = getattr(error, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return " ".join(str(inner["message"]).split())[:200]
-    return " ".join(str(error).split())[:200]
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    text = str(inner.get("message")) if isinstance(inner, dict) and inner.get("message") else str(error)
+    return f"its message withheld (it may quote a post), sha256 {hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 def _quota_exhausted(error) -> bool:

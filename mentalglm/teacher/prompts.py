@@ -150,15 +150,39 @@ def baseline_messages(
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
 
 
-def has_language(text: str, language: str) -> bool:
-    """Chinese text holds CJK characters; English text is mostly Latin letters."""
-    letters = [c for c in text if c.isalpha()]
+def _script(c: str) -> str:
+    o = ord(c)
+    if 0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0xF900 <= o <= 0xFAFF:
+        return "han"
+    if 0x3040 <= o <= 0x30FF or 0xFF66 <= o <= 0xFF9F or 0x31F0 <= o <= 0x31FF:
+        return "Japanese kana"
+    if 0xAC00 <= o <= 0xD7AF or 0x1100 <= o <= 0x11FF or 0x3130 <= o <= 0x318F:
+        return "Korean hangul"
+    if c.isascii() or 0xC0 <= o <= 0x24F:
+        return "latin"
+    return "other"
+
+
+def language_problem(text: str, language: str) -> str | None:
+    """Why `text` is not in `language` (zh: Chinese characters, with no more than a trace of kana or hangul, which
+    would make it Japanese or Korean; en: mostly Latin letters), or None when it is."""
+    letters = [_script(c) for c in text if c.isalpha()]
     if not letters:
-        return False
-    cjk = sum("\u4e00" <= c <= "\u9fff" or "\u3400" <= c <= "\u4dbf" for c in letters)
+        return "no letters"
+    share = {s: letters.count(s) / len(letters) for s in set(letters)}
     if language == "zh":
-        return cjk / len(letters) >= 0.3
-    return cjk / len(letters) < 0.3
+        for other in ("Japanese kana", "Korean hangul"):
+            if share.get(other, 0) >= 0.05:
+                return f"{other} ({share[other]:.0%} of the letters)"
+        return None if share.get("han", 0) >= 0.3 else "too few Chinese characters"
+    if share.get("latin", 0) >= 0.7:
+        return None
+    found = max(share, key=share.get)
+    return f"mostly {found if found != 'han' else 'Chinese characters'}"
+
+
+def has_language(text: str, language: str) -> bool:
+    return language_problem(text, language) is None
 
 
 def instruction_row(
