@@ -320,9 +320,14 @@ def test_the_rating_page_keeps_progress_across_a_closed_browser_and_a_restart_an
         assert len(codes) == 6 and "not diagnoses" in sheet["notice"]
         assert "mentalglm_chat" not in json.dumps(sheet)  # the page knows codes, not models
         # bad ratings over HTTP: refused, nothing stored
-        assert httpx.put(f"{server.url}/api/ratings/{codes[0]}", json={"consistency": 4}).status_code == 422
-        assert httpx.put(f"{server.url}/api/ratings/{codes[0]}", json={"consistency": True}).status_code == 422
-        assert httpx.put(f"{server.url}/api/ratings/nosuch", json={"consistency": 1}).status_code == 404
+        auth = {"X-Rating-Token": sheet["token"]}
+
+        def put(code, body):
+            return httpx.put(f"{server.url}/api/ratings/{code}", json={"version": 0} | body, headers=auth)
+
+        assert put(codes[0], {"consistency": 4}).status_code == 422
+        assert put(codes[0], {"consistency": True}).status_code == 422
+        assert put("nosuch", {"consistency": 1}).status_code == 404
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=ARGS, headless=True)
             page = browser.new_page()
@@ -346,11 +351,20 @@ def test_the_rating_page_keeps_progress_across_a_closed_browser_and_a_restart_an
             browser.close()
         server.stop()
         server = rating_server(run, "rater_1", tmp_path)  # a restarted server reads the same SQLite file
-        assert httpx.get(server.url + "/api/sheet").json()["ratings"][codes[0]]["reliability"] == 2
+        sheet = httpx.get(server.url + "/api/sheet").json()
+        assert sheet["ratings"][codes[0]]["reliability"] == 2
         for code in codes[1:]:
-            httpx.put(
-                f"{server.url}/api/ratings/{code}", json={"consistency": 2, "reliability": 2, "professionality": 2}
+            r = httpx.put(
+                f"{server.url}/api/ratings/{code}",
+                json={
+                    "consistency": 2,
+                    "reliability": 2,
+                    "professionality": 2,
+                    "version": sheet["versions"].get(code, 0),
+                },
+                headers={"X-Rating-Token": sheet["token"]},
             )
+            assert r.status_code == 200, r.text
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=ARGS, headless=True)
             page = browser.new_page(accept_downloads=True)
@@ -367,3 +381,80 @@ def test_the_rating_page_keeps_progress_across_a_closed_browser_and_a_restart_an
     ratings = kit.read_sheet(run / "sheets/rater_1.csv", key, dims)  # the exported sheet is the aggregate's input
     assert ratings[codes[0]] == {"consistency": 3, "reliability": 2, "professionality": 1}
     assert "清楚" in (run / "sheets/rater_1.csv").read_text(encoding="utf-8-sig")
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_rating_page_refuses_stale_tabs_other_sites_and_shows_a_locked_database(run_cli, tmp_path):
+    """A stale tab's save is a conflict the page shows (the stored ratings stay); a save without a rating keeps the
+    stored ones; a request naming another Host, another Origin or no session token changes nothing; a locked
+    database is a message on the page."""
+    import shutil
+    import sqlite3
+
+    import httpx
+    from test_demo_page import ARGS
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    files = _predictions(tmp_path)
+    run = tmp_path / "sample"
+    models = [f"+predictions.{m}={p}" for m, p in files.items()]
+    run_cli("expert_eval.py", "data=fixtures", "data.select=[sos_hl_1k,cp]", "size=3", *models, f"output_dir={run}")
+    server = rating_server(run, "rater_1", tmp_path)
+    try:
+        sheet = httpx.get(server.url + "/api/sheet").json()
+        code, token = sheet["items"][0]["code"], sheet["token"]
+        url = f"{server.url}/api/ratings/{code}"
+        # DNS rebinding: another name for this machine gets nothing
+        assert httpx.get(server.url + "/api/sheet", headers={"Host": "attacker.invalid"}).status_code == 421
+        # changes without this page's token, or from another page, are refused
+        rating = {"consistency": 1, "reliability": 1, "professionality": 1, "version": 0}
+        assert httpx.put(url, json=rating).status_code == 403
+        other = {"X-Rating-Token": token, "Origin": "http://attacker.invalid"}
+        assert httpx.put(url, json=rating, headers=other).status_code == 403
+        before = (run / "sheets/rater_1.csv").read_bytes()
+        assert httpx.post(server.url + "/api/export").status_code == 403
+        assert (run / "sheets/rater_1.csv").read_bytes() == before
+        assert code not in httpx.get(server.url + "/api/sheet").json()["ratings"]
+
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=ARGS, headless=True)
+            stale, fresh = browser.new_page(), browser.new_page()
+            for page in (stale, fresh):
+                page.goto(server.url + "/")
+                page.wait_for_function("document.getElementById('position').textContent.includes('1 of 6')")
+            for dim, value in (("consistency", 3), ("reliability", 2), ("professionality", 1)):
+                fresh.check(f"#{dim}-{value}")
+            fresh.click("#next")
+            fresh.wait_for_function("document.getElementById('progress').textContent.includes('1 of 6 rated')")
+            stale.click("#next")  # opened earlier, no rating set: "Save and next" sends only the comment
+            stale.wait_for_function("document.getElementById('status').textContent.includes('changed elsewhere')")
+            assert stale.is_checked("#consistency-3") and "1 of 6" in stale.inner_text("#position")
+            stored = httpx.get(server.url + "/api/sheet").json()
+            assert stored["ratings"][code] | {"comment": ""} == {
+                "consistency": 3,
+                "reliability": 2,
+                "professionality": 1,
+                "comment": "",
+            }
+            # a save with no rating (a comment only) keeps the stored ratings
+            keep = {"comment": "看过了", "version": stored["versions"][code]}
+            assert httpx.put(url, json=keep, headers={"X-Rating-Token": token}).status_code == 200
+            assert httpx.get(server.url + "/api/sheet").json()["ratings"][code]["professionality"] == 1
+
+            locker = sqlite3.connect(run / "ratings.sqlite")
+            locker.execute("BEGIN EXCLUSIVE")  # another program holds the database
+            fresh.check("#consistency-2")
+            fresh.click("#next")
+            fresh.wait_for_function("document.getElementById('status').textContent.includes('locked')", timeout=30_000)
+            locker.rollback()
+            locker.close()
+            fresh.click("#next")
+            fresh.wait_for_function("document.getElementById('progress').textContent.includes('rated')")
+            assert "locked" not in fresh.inner_text("#status")
+            browser.close()
+    finally:
+        server.stop()

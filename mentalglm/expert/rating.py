@@ -26,31 +26,56 @@ log = logging.getLogger(__name__)
 DATABASE = "ratings.sqlite"
 
 
+class Conflict(Exception):
+    """A save based on an older version of an answer's ratings than the stored one."""
+
+    def __init__(self, stored: dict, version: int):
+        super().__init__("conflict")
+        self.stored, self.version = stored, version
+
+
 class RatingStore:
-    """One rater's ratings: {code: {dimension: value, "comment": text}}, one SQLite row per code."""
+    """One rater's ratings: {code: {dimension: value, "comment": text}}, one SQLite row per code, with a version
+    that each save raises (a save based on an older version is a `Conflict`, not an overwrite)."""
 
     def __init__(self, path: Path, rater: str):
-        self.rater, self.lock = rater, threading.Lock()
-        self.db = sqlite3.connect(str(path), check_same_thread=False)
+        self.rater, self.lock, self.path = rater, threading.Lock(), path
+        # A short wait: a database locked by another program is reported to the rater, not waited on for minutes.
+        self.db = sqlite3.connect(str(path), check_same_thread=False, timeout=2)
         self.db.execute(
             "CREATE TABLE IF NOT EXISTS ratings (rater TEXT, code TEXT, data TEXT, updated TEXT DEFAULT "
-            "CURRENT_TIMESTAMP, PRIMARY KEY (rater, code))"
+            "CURRENT_TIMESTAMP, version INTEGER DEFAULT 0, PRIMARY KEY (rater, code))"
         )
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(ratings)")}
+        if "version" not in columns:  # a database from before versions
+            self.db.execute("ALTER TABLE ratings ADD COLUMN version INTEGER DEFAULT 0")
         self.db.commit()
 
     def all(self) -> dict[str, dict]:
-        with self.lock:
-            rows = self.db.execute("SELECT code, data FROM ratings WHERE rater = ?", (self.rater,)).fetchall()
-        return {code: json.loads(data) for code, data in rows}
+        return {code: data for code, (data, _) in self.versioned().items()}
 
-    def put(self, code: str, data: dict) -> None:
+    def versioned(self) -> dict[str, tuple[dict, int]]:
         with self.lock:
+            rows = self.db.execute("SELECT code, data, version FROM ratings WHERE rater = ?", (self.rater,)).fetchall()
+        return {code: (json.loads(data), version or 0) for code, data, version in rows}
+
+    def put(self, code: str, data: dict, based_on: int | None = None) -> int:
+        """Merge `data` into the stored ratings of `code` (a dimension left out keeps its stored value); `based_on`:
+        the version the change was made on (None: no check). Returns the new version."""
+        with self.lock:
+            row = self.db.execute(
+                "SELECT data, version FROM ratings WHERE rater = ? AND code = ?", (self.rater, code)
+            ).fetchone()
+            stored, version = (json.loads(row[0]), row[1] or 0) if row else ({}, 0)
+            if based_on is not None and based_on != version:
+                raise Conflict(stored, version)
             self.db.execute(
-                "INSERT INTO ratings (rater, code, data) VALUES (?, ?, ?) ON CONFLICT (rater, code) "
-                "DO UPDATE SET data = excluded.data, updated = CURRENT_TIMESTAMP",
-                (self.rater, code, json.dumps(data, ensure_ascii=False)),
+                "INSERT INTO ratings (rater, code, data, version) VALUES (?, ?, ?, ?) ON CONFLICT (rater, code) "
+                "DO UPDATE SET data = excluded.data, version = excluded.version, updated = CURRENT_TIMESTAMP",
+                (self.rater, code, json.dumps(stored | data, ensure_ascii=False), version + 1),
             )
             self.db.commit()
+            return version + 1
 
 
 def _sheet_rows(path: Path) -> tuple[list[str], list[dict]]:
@@ -60,21 +85,54 @@ def _sheet_rows(path: Path) -> tuple[list[str], list[dict]]:
     return fields, rows
 
 
-def create_rating_app(sheet: Path, store: RatingStore, dims: Sequence[kit.Dimension], notice: str):
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import HTMLResponse, Response
+def create_rating_app(
+    sheet: Path,
+    store: RatingStore,
+    dims: Sequence[kit.Dimension],
+    notice: str,
+    allowed_hosts: Sequence[str] = (),
+):
+    """The rating page's app. `allowed_hosts` (host:port): the Host a request must name (a page elsewhere that
+    rebinds its own name to this machine cannot read the posts); a change (save, export) also needs the session's
+    token, which only this page reads, and an Origin, when sent, of this page."""
+    import secrets
+
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     from mentalglm.fileio.atomic import csv_text, write_atomic
 
     fields, rows = _sheet_rows(sheet)
     by_code = {r["code"]: r for r in rows}
-    app = FastAPI(title="MentalGLM expert rating", docs_url=None, redoc_url=None)
+    token = secrets.token_urlsafe(24)
+    origins = {f"http://{h}" for h in allowed_hosts}
+    app = FastAPI(title="MentalGLM expert rating", docs_url=None, redoc_url=None, openapi_url=None)
     # Ratings already in the sheet (a rater who began in a spreadsheet) seed the store, never overwrite it.
     stored = store.all()
     for r in rows:
         filled = {d.name: int(r[d.name]) for d in dims if (r.get(d.name) or "").strip().isdigit()}
         if filled and r["code"] not in stored:
             store.put(r["code"], filled | {kit.COMMENT: r.get(kit.COMMENT) or ""})
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if allowed_hosts and request.headers.get("host", "") not in allowed_hosts:
+            return JSONResponse({"detail": "this page answers only under the address it was started on"}, 421)
+        if request.method not in ("GET", "HEAD"):
+            origin = request.headers.get("origin")
+            if origin is not None and allowed_hosts and origin not in origins:
+                return JSONResponse({"detail": f"a change from another page ({origin}) is refused"}, 403)
+            if not secrets.compare_digest(request.headers.get("x-rating-token", ""), token):
+                return JSONResponse({"detail": "missing or stale session token: reload the page"}, 403)
+        try:
+            return await call_next(request)
+        except sqlite3.OperationalError as e:
+            log.warning("ratings database: %s", e)
+            detail = (
+                f"not saved: the ratings database ({store.path.name}) is locked or unavailable ({e}); close any "
+                "program that has it open and save again"
+            )
+            return JSONResponse({"detail": detail}, 503)
 
     def complete(data: dict) -> bool:
         return all(isinstance(data.get(d.name), int) for d in dims)
@@ -89,32 +147,51 @@ def create_rating_app(sheet: Path, store: RatingStore, dims: Sequence[kit.Dimens
 
     @app.get("/api/sheet")
     def items() -> dict:
+        versioned = store.versioned()
         return {
             "rater": store.rater,
             "notice": notice,
+            "token": token,
             "rubric": [{"name": d.name, "description": d.description, "min": d.low, "max": d.high} for d in dims],
             "items": [{k: r.get(k) or "" for k in ("code", "task", "aspect", "post", "answer")} for r in rows],
-            "ratings": store.all(),
+            "ratings": {code: data for code, (data, _) in versioned.items()},
+            "versions": {code: version for code, (_, version) in versioned.items()},
         }
 
     @app.put("/api/ratings/{code}")
-    def rate(code: str, body: dict) -> dict:
+    def rate(code: str, body: dict):
         if code not in by_code:
             raise HTTPException(404, f"code {code!r} is not on this sheet")
+        based_on = body.get("version")
+        if isinstance(based_on, bool) or not isinstance(based_on, int):
+            raise HTTPException(422, "version: the version of the ratings this change was made on (from /api/sheet)")
         data = {}
         for d in dims:
             value = body.get(d.name)
-            if value is None:
+            if value is None:  # not rated here: the stored rating stays
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not d.accepts(value):
                 raise HTTPException(422, f"{d.name} must be a whole number from {d.low} to {d.high}")
             data[d.name] = value
-        comment = body.get(kit.COMMENT, "")
-        if not isinstance(comment, str):
-            raise HTTPException(422, "comment must be text")
-        store.put(code, data | {kit.COMMENT: comment})
+        if kit.COMMENT in body:
+            if not isinstance(body[kit.COMMENT], str):
+                raise HTTPException(422, "comment must be text")
+            data[kit.COMMENT] = body[kit.COMMENT]
+        try:
+            version = store.put(code, data, based_on)
+        except Conflict as e:
+            detail = (
+                "not saved: this answer's ratings were changed elsewhere (another tab or window) since this page "
+                "loaded them; the stored ratings are shown now"
+            )
+            return JSONResponse({"detail": detail, "stored": e.stored, "version": e.version}, 409)
         ratings = store.all()
-        return {"rated": sum(complete(v) for v in ratings.values()), "total": len(rows)}
+        return {
+            "rated": sum(complete(v) for v in ratings.values()),
+            "total": len(rows),
+            "version": version,
+            "stored": ratings[code],
+        }
 
     @app.post("/api/export")
     def export() -> Response:
@@ -133,6 +210,16 @@ def create_rating_app(sheet: Path, store: RatingStore, dims: Sequence[kit.Dimens
     return app
 
 
+def served_hosts(host: str, port: int) -> list[str]:
+    """The Host values of this page: the address it listens on, and loopback's names when that is loopback."""
+    if host in ("0.0.0.0", "::", ""):  # every interface: its names are not known here, so Host is not checked
+        return []
+    names = {host}
+    if is_loopback_host(host):
+        names |= {"127.0.0.1", "localhost", "[::1]"}
+    return sorted(f"{name}:{port}" for name in names)
+
+
 def serve_rating_page(cfg: DictConfig, dims: Sequence[kit.Dimension]) -> None:
     import uvicorn
 
@@ -146,7 +233,8 @@ def serve_rating_page(cfg: DictConfig, dims: Sequence[kit.Dimension]) -> None:
     if not sheet.is_file():
         known = sorted(p.stem for p in (run / "sheets").glob("*.csv"))
         raise ConfigError(f"rater={cfg.rater}: no sheet {sheet} (raters of this sample: {', '.join(known) or 'none'})")
-    app = create_rating_app(sheet, RatingStore(run / DATABASE, str(cfg.rater)), dims, NOTICE)
+    hosts = served_hosts(str(cfg.host), int(cfg.port))
+    app = create_rating_app(sheet, RatingStore(run / DATABASE, str(cfg.rater)), dims, NOTICE, hosts)
     if not is_loopback_host(str(cfg.host)):
         log.warning("host=%s: the posts on this sheet are served beyond this machine", cfg.host)
     log.info("rating page for %s on http://%s:%d/ (progress in %s)", cfg.rater, cfg.host, cfg.port, run / DATABASE)
