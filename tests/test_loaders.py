@@ -612,3 +612,27 @@ def test_csv_fields_are_read_exactly_as_the_csv_module_reads_them(tmp_path):
 
 def test_a_post_of_only_invisible_characters_is_empty(tmp_path):
     bad(tmp_path, "zw.csv", SOS_HEAD + "1\t0\t\u200b\u200b\ufeff\r\n", 2, "comment", "empty post")
+
+
+SOCIALCD_ROW = "\t".join(["1"] + ["0"] * 11)
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+@pytest.mark.parametrize(
+    "name, text, encoding",
+    [
+        ("lone_cr.csv", SOS_HEAD + "1\t0\t前半\r后半\r\n2\t1\t想死\r\n", "utf-8"),  # SOS-HL-1K LLM form
+        ("lone_cr.tsv", "0\t1\t前半\r后半\r\n1\t0\t想死\r\n", "gbk"),  # SOS-HL-1K BERT form
+        ("socialcd_lone_cr.tsv", f"{LABELS}\t内容\n{SOCIALCD_ROW}\t前半\r后半\n", "utf-8"),
+    ],
+)
+def test_a_lone_cr_inside_a_post_keeps_the_post_whole(tmp_path, name, text, encoding, on_error):
+    """A file of LF or CRLF lines: a lone CR inside a post is part of it (was: the post cut there, the rest
+    skipped as a malformed line, silently with on_error=skip)."""
+    report = LoadReport()
+    records = load_records(None, write(tmp_path, name, text, encoding), on_error=on_error, report=report)
+    assert "前半\r后半" in records[0]["query"] and records[0]["id"] == "1"
+    assert not report.skipped
+    # a file whose lines end in CR alone is still read line by line
+    cr_lines = SOS_HEAD.replace("\r\n", "\r") + "1\t0\t好\r2\t1\t累\r"
+    assert len(load_records(None, write(tmp_path, "cr.csv", cr_lines))) == 2

@@ -156,8 +156,32 @@ def map_header(ctx: Ctx, header: list[str], line: int, required) -> None:
     ctx.ncols = len(names)
 
 
+LF_LINE_END = re.compile(r"\r\n|\n")
+LONE_CR = re.compile(r"\r(?!\n)")
+
+
+def lines_of(text: str) -> list[str]:
+    """The lines of a file: a file whose lines end in LF or CRLF keeps a lone CR as part of its line (a post pasted
+    from an old Mac editor), as a spreadsheet shows it; a file of CR line ends is split on CR."""
+    return (LF_LINE_END if "\n" in text else LINE_END).split(text)
+
+
 def delimited_rows(text: str, path: Path, delimiter: str, has_header: bool, one_line: bool):
-    """Rows exactly as Python's csv module reads the file (quoted newlines kept), with their first line."""
+    """Rows exactly as Python's csv module reads the file (quoted newlines kept), with their first line; a lone CR
+    in a file of LF or CRLF lines is kept inside its field (`lines_of`), not read as the end of the row."""
+    held = None
+    if "\n" in text and LONE_CR.search(text):
+        held = next(c for c in map(chr, range(0xE000, 0xF900)) if c not in text)  # a private-use stand-in
+        text = LONE_CR.sub(held, text)
+    for line, row in _csv_rows(text, path, delimiter, has_header, one_line):
+        if held is not None and isinstance(row, tuple):
+            row = (row[0], [cell.replace(held, "\r") for cell in row[1]])
+        elif held is not None and isinstance(row, list):
+            row = [cell.replace(held, "\r") for cell in row]
+        yield line, row
+
+
+def _csv_rows(text: str, path: Path, delimiter: str, has_header: bool, one_line: bool):
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     header_done = not has_header
     start = 1
@@ -197,7 +221,7 @@ def delimited_rows(text: str, path: Path, delimiter: str, has_header: bool, one_
 
 def split_rows(text: str, delimiter: str):
     """Unquoted delimited lines (CP sentences carry quotes that are not CSV quoting)."""
-    for i, line in enumerate(LINE_END.split(text), start=1):
+    for i, line in enumerate(lines_of(text), start=1):
         if line.strip():
             yield i, line.split(delimiter)
 
