@@ -8,13 +8,14 @@ only. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from mentalglm.errors import UserError
+from mentalglm.errors import OutputError, UserError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 EXIT_USER_ERROR = 2
@@ -62,6 +63,10 @@ def run_entry_point(main: Callable[[], object], argv: Iterable[str] | None = Non
         main()
     except _user_errors() as e:
         fail(e)
+    except OSError as e:  # before the job: Hydra creating the run directory on a read-only or full disk
+        if (message := disk_error(e)) is None:
+            raise
+        fail(message)
     finally:
         sys.stderr = stderr
 
@@ -134,6 +139,41 @@ def job(cfg) -> Iterator[None]:
     except UserError as e:
         log_user_error(e)
         raise
+    except Exception as e:
+        if (message := disk_error(e, output_dir)) is None:
+            raise
+        error = OutputError(message)
+        with contextlib.suppress(OSError):  # the log file may sit on the full disk itself
+            log_user_error(error)
+        raise error from None
+
+
+# A full or read-only disk, said by errno or, where a library wraps it (safetensors, torch.save), by its words.
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
+DISK_WORDS = ("No space left on device", "Read-only file system", "StorageFull", "Disk quota exceeded")
+
+
+def disk_error(error: BaseException, output_dir: str | None = None) -> str | None:
+    """One line for an error that is (or was raised from) a full or read-only disk, naming the path; else None."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_ERRNOS:
+            # a rename names its destination second: the file the run meant to write
+            where = current.filename2 or current.filename or output_dir or "the output directory"
+            why = current.strerror
+            break
+        if words := next((w for w in DISK_WORDS if w in str(current)), None):
+            where, why = output_dir or "the output directory", words
+            break
+        current = current.__cause__ or current.__context__
+    else:
+        return None
+    return (
+        f"cannot write {where}: {why} (free space, or set output_dir= / hydra.run.dir= elsewhere; "
+        "a train.py run continues where it stopped with resume=true)"
+    )
 
 
 def restore_from_adapter(cfg) -> None:

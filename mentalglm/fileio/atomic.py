@@ -174,7 +174,11 @@ def replace_dir_atomic(target: Path, write) -> None:
 
     tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written directory behind
+        raise
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)

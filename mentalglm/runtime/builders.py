@@ -321,6 +321,10 @@ def build_trainer(cfg: DictConfig, loggers: list, callbacks: list, max_epochs: i
     problem = missing_strategy_package(OmegaConf.to_container(cfg.trainer, resolve=False))
     if problem:
         raise ConfigError(problem)
+    if "deepspeed" not in str(cfg.trainer.get("strategy", "")) and not cfg.trainer.get("plugins"):
+        from mentalglm.runtime.callbacks import AtomicCheckpointIO
+
+        overrides.setdefault("plugins", [AtomicCheckpointIO()])  # DeepSpeed writes its own checkpoint directories
     return instantiate(
         cfg.trainer, max_epochs=int(max_epochs), logger=loggers or False, callbacks=callbacks, **overrides
     )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
@@ -79,3 +81,34 @@ class StepCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written under a temporary name beside their final one and renamed into place. Lightning stages a
+    local checkpoint in the system's temporary directory and moves it; across filesystems that move is a copy, and a
+    full disk left a half-written last.ckpt that resume=true could not read. Here the previous one stays whole."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
+        import io
+        import os
+        import tempfile
+
+        if "://" in str(path):  # a remote filesystem: Lightning's own transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # serialised first, so a write error is the OSError the disk gave
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror, str(path)) from e  # the error names the checkpoint, not the stand-in
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
