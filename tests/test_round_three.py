@@ -186,3 +186,40 @@ def test_a_lone_surrogate_in_a_predictions_file_is_one_error_naming_the_line(run
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert last.startswith(f"error: {path}:2: a lone surrogate escape"), last
+
+
+def test_credentials_planted_under_random_names_are_in_no_file_of_the_run(run_cli, tmp_path):
+    """Names drawn at random (any prefix, any case, nested or not) ending in a credential word, and values shaped
+    like API keys under neutral random names: none of the values is in any file the run writes or on its console."""
+    import json
+    import random
+    import string
+
+    rng = random.Random()
+    words = ["key", "token", "secret", "password", "passwd", "credential", "credentials", "auth", "api_key"]
+
+    def word(n: int = 6) -> str:
+        return "".join(rng.choice(string.ascii_lowercase) for _ in range(n))
+
+    def value() -> str:
+        return "PLANTED" + "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(24))
+
+    planted = {}
+    for secret_word in words:
+        name = f"{word()}_{secret_word}"
+        name = rng.choice([name, name.upper(), name.title()])
+        planted[f"+{word()}.{name}" if rng.random() < 0.5 else f"+{name}"] = value()
+    planted[f"+{word()}"] = "sk-" + "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(32))
+    planted[f"+{word()}"] = "hf_" + "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(30))
+    preds = tmp_path / "p.jsonl"
+    rows = [{"task": "sos_hl_1k", "id": "a", "output": "该帖子的发布者有高自杀风险。", "labels": ["高自杀风险"]}]
+    preds.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    overrides = [f"{k}={v}" for k, v in planted.items()]
+    ok = run_cli("evaluate.py", f"predictions={preds}", *overrides)
+    failed = run_cli("evaluate.py", f"predictions={tmp_path / 'missing.jsonl'}", *overrides, check=False)
+    assert failed.returncode == 2
+    texts = {str(p): p.read_bytes() for p in (tmp_path / "outputs").rglob("*") if p.is_file()}
+    assert any("/.hydra/" in name for name in texts)  # the command line is saved: the masking is what is tested
+    texts["console"] = (ok.stdout + ok.stderr + failed.stdout + failed.stderr).encode()
+    found = [(where, k) for where, data in texts.items() for k, v in planted.items() if v.encode() in data]
+    assert not found, f"planted credentials found (names: {sorted(planted)}): {found[:5]}"
