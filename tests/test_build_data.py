@@ -136,13 +136,19 @@ def test_a_changed_prompt_asks_again_only_for_its_task(run_cli, tmp_path, teache
 
 
 # ----------------------------------------------------------------------------- faults
-def test_faults_are_retried_counted_and_reported(run_cli, tmp_path):
-    srv = TeacherServer(tmp_path, "429,500,slow,malformed,empty,truncated,disagree,unparsed")
+def build_with_faults(run_cli, tmp_path, faults: str, *overrides: str) -> list:
+    """build_data.py on SOS-HL-1K against a teacher with `faults`, 16 requests in flight; what the teacher got."""
+    srv = TeacherServer(tmp_path, faults)
     try:
-        build(run_cli, tmp_path, srv.url, "data.select=[sos_hl_1k]", "teacher.timeout_s=1.5", "teacher.concurrency=16")
-        requests = srv.requests()
+        build(run_cli, tmp_path, srv.url, "data.select=[sos_hl_1k]", "teacher.concurrency=16", *overrides)
+        return srv.requests()
     finally:
         srv.stop()
+
+
+def test_faults_are_retried_counted_and_reported(run_cli, tmp_path):
+    faults = "429,500,slow,malformed,empty,truncated,disagree,unparsed"
+    requests = build_with_faults(run_cli, tmp_path, faults, "teacher.timeout_s=1.5")
     out = last_run(tmp_path)
     report = json.loads((out / "build_report.json").read_text())
     first_times: dict[str, list[float]] = {}
@@ -486,12 +492,7 @@ def test_bad_settings_are_one_line_before_any_request(run_cli, tmp_path, teacher
 def test_a_drip_fed_body_times_out_and_japanese_is_not_chinese(run_cli, tmp_path):
     """teacher.timeout_s bounds the whole request (a body dripped one byte per 0.25 s is cut at 1 s and retried,
     not read for 14 s); an explanation in Japanese is unparsed with that reason, not agreed Chinese data."""
-    srv = TeacherServer(tmp_path, "drip,japanese")
-    try:
-        build(run_cli, tmp_path, srv.url, "data.select=[sos_hl_1k]", "teacher.timeout_s=1", "teacher.concurrency=16")
-        requests = srv.requests()
-    finally:
-        srv.stop()
+    requests = build_with_faults(run_cli, tmp_path, "drip,japanese", "teacher.timeout_s=1")
     report = json.loads((last_run(tmp_path) / "build_report.json").read_text())
     prompts = {sha for sha, _ in requests}
     dripped = sum(int(sha, 16) % 11 == 9 for sha in prompts)

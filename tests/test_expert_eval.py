@@ -296,22 +296,32 @@ def rating_server(run: Path, rater: str, tmp: Path):
     return ServerProcess("expert_eval.py", args, tmp, timeout=120)
 
 
-@pytest.mark.slow
-@pytest.mark.browser
-def test_the_rating_page_keeps_progress_across_a_closed_browser_and_a_restart_and_exports_the_sheet(run_cli, tmp_path):
+def chromium_and_playwright():
+    """(Debian's Chromium, playwright's sync API), or the test is skipped."""
     import shutil
-
-    import httpx
-    from test_demo_page import ARGS
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    files = _predictions(tmp_path)
+    return chromium, pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+
+
+def rating_sample(run_cli, tmp_path: Path) -> Path:
+    """A sample of 6 answers to rate (expert_eval.py action=sample on two models' predictions)."""
     run = tmp_path / "sample"
-    models = [f"+predictions.{m}={p}" for m, p in files.items()]
+    models = [f"+predictions.{m}={p}" for m, p in _predictions(tmp_path).items()]
     run_cli("expert_eval.py", "data=fixtures", "data.select=[sos_hl_1k,cp]", "size=3", *models, f"output_dir={run}")
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_the_rating_page_keeps_progress_across_a_closed_browser_and_a_restart_and_exports_the_sheet(run_cli, tmp_path):
+    import httpx
+    from test_demo_page import ARGS
+
+    chromium, sync_api = chromium_and_playwright()
+    run = rating_sample(run_cli, tmp_path)
     key = kit.read_key(run / "key.csv")
     server = rating_server(run, "rater_1", tmp_path)
     try:
@@ -389,20 +399,13 @@ def test_the_rating_page_refuses_stale_tabs_other_sites_and_shows_a_locked_datab
     """A stale tab's save is a conflict the page shows (the stored ratings stay); a save without a rating keeps the
     stored ones; a request naming another Host, another Origin or no session token changes nothing; a locked
     database is a message on the page."""
-    import shutil
     import sqlite3
 
     import httpx
     from test_demo_page import ARGS
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    files = _predictions(tmp_path)
-    run = tmp_path / "sample"
-    models = [f"+predictions.{m}={p}" for m, p in files.items()]
-    run_cli("expert_eval.py", "data=fixtures", "data.select=[sos_hl_1k,cp]", "size=3", *models, f"output_dir={run}")
+    chromium, sync_api = chromium_and_playwright()
+    run = rating_sample(run_cli, tmp_path)
     server = rating_server(run, "rater_1", tmp_path)
     try:
         sheet = httpx.get(server.url + "/api/sheet").json()
