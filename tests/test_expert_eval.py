@@ -450,13 +450,14 @@ def test_the_rating_page_refuses_stale_tabs_other_sites_and_shows_a_locked_datab
 
             locker = sqlite3.connect(run / "ratings.sqlite")
             locker.execute("BEGIN EXCLUSIVE")  # another program holds the database
+            assert "2 of 6" in fresh.inner_text("#position")  # the fresh tab moved on to answer 2
             fresh.check("#consistency-2")
             fresh.click("#next")
             fresh.wait_for_function("document.getElementById('status').textContent.includes('locked')", timeout=30_000)
             locker.rollback()
             locker.close()
-            fresh.click("#next")
-            fresh.wait_for_function("document.getElementById('progress').textContent.includes('rated')")
+            fresh.click("#next")  # free again: the same save goes through and the page moves on
+            fresh.wait_for_function("document.getElementById('position').textContent.includes('3 of 6')")
             assert "locked" not in fresh.inner_text("#status")
             browser.close()
     finally:

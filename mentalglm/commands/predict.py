@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mentalglm.data.io import json_lines, read_text
 from mentalglm.errors import ConfigError, PredictionsError
-from mentalglm.fileio.atomic import write_jsonl_atomic
+from mentalglm.fileio.atomic import append_jsonl, write_jsonl_atomic
 from mentalglm.fileio.partial import PartialPredictions, fingerprint
 from mentalglm.runtime.builders import build_predictor, build_tasks, resolve_adapter, selected_tasks
 from mentalglm.runtime.resume import wants_resume
@@ -199,8 +199,7 @@ def interactive(cfg: DictConfig, tasks: dict) -> None:
     predictor = build_predictor(cfg, tasks, adapter, load=hf)
     task = predictor.task(cfg.get("task") or next(iter(tasks)))
     aspect = cfg.get("aspect") or (task.aspects[0] if task.aspects else "")
-    output = open(cfg.output, "a", encoding="utf-8") if cfg.get("output") else contextlib.nullcontext()
-    with output as out, _generator(cfg, predictor, adapter) as generate:
+    with _generator(cfg, predictor, adapter) as generate:
         print(f"notice: {NOTICE}")
         print(HELP.format(tasks=", ".join(tasks)))
         count = 0
@@ -234,10 +233,9 @@ def interactive(cfg: DictConfig, tasks: dict) -> None:
             scores = predictor.label_scores([task.name], [ids])[0]
             count += 1
             print(answer_lines(result, scores))
-            if out is not None:
+            if cfg.get("output"):  # one whole line per answer, as it comes
                 row = {"id": str(count), "aspect": aspect, **result} | ({"scores": scores} if scores else {})
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                out.flush()
+                append_jsonl(Path(cfg.output), row)
     where = f"; {count} answers appended to {cfg.output}" if cfg.get("output") else "; nothing written"
     print(f"{count} posts answered{where}")
 

@@ -63,18 +63,22 @@ class RatingStore:
         """Merge `data` into the stored ratings of `code` (a dimension left out keeps its stored value); `based_on`:
         the version the change was made on (None: no check). Returns the new version."""
         with self.lock:
-            row = self.db.execute(
-                "SELECT data, version FROM ratings WHERE rater = ? AND code = ?", (self.rater, code)
-            ).fetchone()
-            stored, version = (json.loads(row[0]), row[1] or 0) if row else ({}, 0)
-            if based_on is not None and based_on != version:
-                raise Conflict(stored, version)
-            self.db.execute(
-                "INSERT INTO ratings (rater, code, data, version) VALUES (?, ?, ?, ?) ON CONFLICT (rater, code) "
-                "DO UPDATE SET data = excluded.data, version = excluded.version, updated = CURRENT_TIMESTAMP",
-                (self.rater, code, json.dumps(stored | data, ensure_ascii=False), version + 1),
-            )
-            self.db.commit()
+            try:
+                row = self.db.execute(
+                    "SELECT data, version FROM ratings WHERE rater = ? AND code = ?", (self.rater, code)
+                ).fetchone()
+                stored, version = (json.loads(row[0]), row[1] or 0) if row else ({}, 0)
+                if based_on is not None and based_on != version:
+                    raise Conflict(stored, version)
+                self.db.execute(
+                    "INSERT INTO ratings (rater, code, data, version) VALUES (?, ?, ?, ?) ON CONFLICT (rater, code) "
+                    "DO UPDATE SET data = excluded.data, version = excluded.version, updated = CURRENT_TIMESTAMP",
+                    (self.rater, code, json.dumps(stored | data, ensure_ascii=False), version + 1),
+                )
+                self.db.commit()
+            except sqlite3.Error:
+                self.db.rollback()  # a locked database: the next save starts clean
+                raise
             return version + 1
 
 

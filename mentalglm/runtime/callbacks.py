@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -90,25 +89,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
         import io
-        import os
-        import tempfile
+
+        from mentalglm.fileio.atomic import write_atomic
 
         if "://" in str(path):  # a remote filesystem: Lightning's own transaction
             return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
         buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)  # serialised first, so a write error is the OSError the disk gave
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
-            raise OSError(e.errno, e.strerror, str(path)) from e  # the error names the checkpoint, not the stand-in
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        torch.save(checkpoint, buffer)  # serialised first, so a write error is the one the disk gave
+        write_atomic(path, buffer.getvalue())  # a full disk: one OutputError naming the checkpoint
