@@ -64,9 +64,9 @@ def run_entry_point(main: Callable[[], object], argv: Iterable[str] | None = Non
     except _user_errors() as e:
         fail(e)
     except OSError as e:  # before the job: Hydra creating the run directory on a read-only or full disk
-        if (message := disk_error(e)) is None:
+        if (error := disk_error(e)) is None:
             raise
-        fail(message)
+        fail(error)
     finally:
         sys.stderr = stderr
 
@@ -140,9 +140,8 @@ def job(cfg) -> Iterator[None]:
         log_user_error(e)
         raise
     except Exception as e:
-        if (message := disk_error(e, output_dir)) is None:
+        if (error := disk_error(e, output_dir)) is None:
             raise
-        error = OutputError(message)
         with contextlib.suppress(OSError):  # the log file may sit on the full disk itself
             log_user_error(error)
         raise error from None
@@ -153,8 +152,11 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG}
 DISK_WORDS = ("No space left on device", "Read-only file system", "StorageFull", "Disk quota exceeded")
 
 
-def disk_error(error: BaseException, output_dir: str | None = None) -> str | None:
-    """One line for an error that is (or was raised from) a full or read-only disk, naming the path; else None."""
+def disk_error(error: BaseException, output_dir: str | None = None) -> OutputError | None:
+    """The OutputError for an error that is (or was raised from) a full or read-only disk, naming the path; else
+    None."""
+    from mentalglm.fileio.atomic import output_error
+
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
@@ -162,18 +164,11 @@ def disk_error(error: BaseException, output_dir: str | None = None) -> str | Non
         if isinstance(current, OSError) and current.errno in DISK_ERRNOS:
             # a rename names its destination second: the file the run meant to write
             where = current.filename2 or current.filename or output_dir or "the output directory"
-            why = current.strerror
-            break
+            return output_error(where, current)
         if words := next((w for w in DISK_WORDS if w in str(current)), None):
-            where, why = output_dir or "the output directory", words
-            break
+            return output_error(output_dir or "the output directory", OSError(words))
         current = current.__cause__ or current.__context__
-    else:
-        return None
-    return (
-        f"cannot write {where}: {why} (free space, or set output_dir= / hydra.run.dir= elsewhere; "
-        "a train.py run continues where it stopped with resume=true)"
-    )
+    return None
 
 
 def restore_from_adapter(cfg) -> None:

@@ -136,6 +136,8 @@ def more_adapters(cfg: DictConfig, settings: ServeSettings, first: str | None) -
         raise ConfigError(f"serve.adapters={adapters!r}: give {{id: adapter or run directory, ...}}")
     if adapters and first is None:
         raise ConfigError("serve.adapters: name the first adapter with adapter= or run_dir= (it sets the base)")
+    if adapters and cfg.scores.enabled:
+        raise ConfigError("serve.adapters: scores.enabled serves one adapter; start a server per adapter for scores")
     out = {}
     for name, path in adapters.items():
         where = f"serve.adapters.{name}"
@@ -156,7 +158,5 @@ def more_adapters(cfg: DictConfig, settings: ServeSettings, first: str | None) -
                     f"{where}: its adapter was trained on model.{key}={theirs!r}, this server's base has {mine!r}; "
                     "one server serves adapters of one base model"
                 )
-        if cfg.scores.enabled:
-            raise ConfigError(f"{where}: scores.enabled serves one adapter; start a server per adapter for scores")
         out[name] = (adapter, extra)
     return out

@@ -60,10 +60,11 @@ def to_json(obj, indent: int | None = None) -> str:
     return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
-def output_error(path: Path, error: OSError) -> OutputError:
+def output_error(path: Path | str, error: OSError) -> OutputError:
+    """The one message of a run that cannot write (a full or read-only disk), naming the path."""
     return OutputError(
-        f"cannot write {path}: {error.strerror or error} (is the output directory writable and is "
-        "there disk space? set output_dir= or hydra.run.dir= elsewhere)"
+        f"cannot write {path}: {error.strerror or error} (free space, or set output_dir= / hydra.run.dir= "
+        "elsewhere; a train.py run continues where it stopped with resume=true)"
     )
 
 
@@ -186,16 +187,22 @@ def replace_dir_atomic(target: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_partial(path: Path) -> list[dict]:
-    """The rows written before an interruption. A crash mid-append leaves a last line without its newline:
-    it is dropped and cut off the file, so the next append starts on a clean line."""
+def complete_lines(path: Path) -> bytes:
+    """The complete lines of an appended file (b"" when there is none). A crash mid-append leaves a last line
+    without its newline: it is dropped and cut off the file, so the next append starts on a clean line."""
     if not path.is_file():
-        return []
+        return b""
     raw = path.read_bytes()
     complete = raw[: raw.rfind(b"\n") + 1]
     if len(complete) < len(raw):
         log.warning("%s: dropping a torn last line (%d bytes) left by the interruption", path, len(raw) - len(complete))
         os.truncate(path, len(complete))
+    return complete
+
+
+def read_partial(path: Path) -> list[dict]:
+    """The rows written before an interruption (a torn last line cut off: `complete_lines`)."""
+    complete = complete_lines(path)
     rows = []
     # Split on b"\n" only: str.splitlines() would also split inside outputs holding U+2028, U+0085 or \x1c.
     for lineno, line in enumerate(complete.decode("utf-8").split("\n"), 1):

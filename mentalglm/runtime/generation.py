@@ -240,8 +240,8 @@ class RowLogprobs(LogitsProcessor):
     the step before, and once the next step shows which token was chosen, that token's log-probability and the
     top alternatives (a token's choice is only seen a step later; `finish` reads the last one)."""
 
-    def __init__(self, tokenizer, rows: list[RowRequest], prompt_width: int):
-        self.tokenizer, self.rows, self.prompt_width = tokenizer, rows, prompt_width
+    def __init__(self, tokenizer, rows: list[RowRequest]):
+        self.tokenizer, self.rows = tokenizer, rows
         self.previous: list[torch.Tensor | None] = [None] * len(rows)
         self.recorded: list[list[TokenLogprob]] = [[] for _ in rows]
 
@@ -309,7 +309,8 @@ class RowSampler(LogitsProcessor):
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if s.top_p < 1.0:
             ordered, order = torch.sort(logits, descending=True)
-            before = torch.softmax(ordered, dim=-1).cumsum(-1) - torch.softmax(ordered, dim=-1)
+            probs = torch.softmax(ordered, dim=-1)
+            before = probs.cumsum(-1) - probs
             logits = logits.clone()
             logits[order[before >= s.top_p]] = float("-inf")  # keep the smallest set reaching top_p
         return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
@@ -337,10 +338,6 @@ class RowControl(StoppingCriteria):
         self.stop_ids = set(stop_token_ids(tokenizer))
         self.sent = [""] * len(rows)
         self.results: list[RowResult | None] = [None] * len(rows)
-
-    def final_text(self, ids: list[int], row: RowRequest) -> str:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return cut_at_stop_strings(text, row.stop_strings).strip()
 
     def _emit(self, i: int, text: str) -> None:
         delta = text[len(self.sent[i]) :] if text.startswith(self.sent[i]) else ""
@@ -389,7 +386,7 @@ def generate_rows(model, tokenizer, rows: list[RowRequest]) -> list[RowResult]:
         if any(r.ignore_eos for r in rows):
             config.eos_token_id = []  # RowControl ends the other rows at their end token (None: the model default)
         control = RowControl(tokenizer, rows, width)
-        recorder = RowLogprobs(tokenizer, rows, width) if any(r.logprobs is not None for r in rows) else None
+        recorder = RowLogprobs(tokenizer, rows) if any(r.logprobs is not None for r in rows) else None
         processors = [] if recorder is None else [recorder]
         processors += [] if all(r.sampling.greedy for r in rows) else [RowSampler(rows, width, device)]
         out = model.generate(
@@ -402,12 +399,10 @@ def generate_rows(model, tokenizer, rows: list[RowRequest]) -> list[RowResult]:
         )
     finally:
         model.train(was_training)
+    generated = out[:, width:].tolist()
     for i in range(len(rows)):
         if control.results[i] is None:  # generate stopped at its own cap before the row's last check
-            control.step(i, out[i, width:].tolist(), last=True)
+            control.step(i, generated[i], last=True)
     if recorder is None:
         return list(control.results)
-    return [
-        replace(r, logprobs=recorder.finish(i, out[i, width:].tolist(), r.tokens))
-        for i, r in enumerate(control.results)
-    ]
+    return [replace(r, logprobs=recorder.finish(i, generated[i], r.tokens)) for i, r in enumerate(control.results)]

@@ -7,7 +7,6 @@ know are ignored, as OpenAI's server does. Temperature defaults to 0 here (greed
 
 from __future__ import annotations
 
-import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,10 +39,8 @@ class SamplingFields(BaseModel):
 
     def sampling(self, choice: int = 0) -> Sampling:
         """The sampling of choice `choice` (of n): seeded requests give choice i the seed + i, so each choice
-        differs and every one is reproducible."""
+        differs and every one is reproducible; unseeded, each row draws a fresh seed where it is generated."""
         seed = self.seed
-        if seed is None and (self.temperature or 0) > 0:
-            seed = int.from_bytes(os.urandom(8), "little")
         return Sampling(
             temperature=float(self.temperature or 0.0),
             top_p=float(1.0 if self.top_p is None else self.top_p),

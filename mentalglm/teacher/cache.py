@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from mentalglm.errors import ConfigError
-from mentalglm.fileio.atomic import append_jsonl
+from mentalglm.fileio.atomic import append_jsonl, complete_lines
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +84,8 @@ def _lock(path: Path):
 
 
 def _read_lines(path: Path, cache: ResponseCache) -> list[dict]:
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    complete = raw[: raw.rfind(b"\n") + 1]
-    if len(complete) < len(raw):  # killed mid-append: cut off, so the next append starts on a clean line
-        log.warning("%s: dropping a torn last line (%d bytes) left by an interruption", path, len(raw) - len(complete))
-        os.truncate(path, len(complete))
     rows = []
-    for line in complete.split(b"\n"):
+    for line in complete_lines(path).split(b"\n"):
         if not line.strip():
             continue
         try:
